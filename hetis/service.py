@@ -1,0 +1,118 @@
+"""What every Hetis gRPC service shares: one way to start, report health, expose
+reflection and Prometheus metrics, and stop gracefully.
+
+A service builds its servicers, then calls :func:`serve`::
+
+    serve(name="allocator", port=args.port, metrics_port=args.metrics_port,
+          register=[lambda s: allocator_pb2_grpc.add_AllocatorServicer_to_server(impl, s)],
+          service_names=["hetis.v1.Allocator"], on_stop=impl.close)
+
+``serve`` blocks until SIGTERM/SIGINT, then marks every service NOT_SERVING,
+lets in-flight calls finish for ``grace`` seconds, runs ``on_stop`` and returns.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from concurrent import futures
+from typing import Callable, Iterable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+log = logging.getLogger("hetis.service")
+
+# Messages carry tensors' control data and token lists, never weights; 64 MiB
+# leaves room for long prompts and big cluster-status answers.
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+GRPC_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+]
+
+
+def setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(level=level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def start_metrics(port: int | None) -> int | None:
+    """Serve the default Prometheus registry on ``port`` (0 picks a free port)."""
+    if port is None or port < 0:
+        return None
+    from prometheus_client import start_http_server
+    server, _thread = start_http_server(port)
+    return server.server_port
+
+
+class Service:
+    """A started gRPC server with health and reflection; ``stop()`` is idempotent."""
+
+    def __init__(self, name: str, port: int, register: Iterable[Callable[[grpc.Server], None]],
+                 service_names: Iterable[str], host: str = "0.0.0.0", max_workers: int = 32,
+                 metrics_port: int | None = None):
+        self.name = name
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers,
+                                                             thread_name_prefix=name),
+                                  options=GRPC_OPTIONS)
+        for reg in register:
+            reg(self.server)
+        self.health = health.HealthServicer(experimental_non_blocking=True)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.service_names = list(service_names)
+        reflection.enable_server_reflection(
+            self.service_names + [health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
+        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        if self.port == 0:
+            raise RuntimeError(f"{name}: cannot bind {host}:{port}")
+        self.metrics_port = start_metrics(metrics_port)
+        self._stopped = threading.Event()
+
+    def start(self) -> "Service":
+        self.server.start()
+        self.set_serving(True)
+        log.info("%s listening on port %d (metrics: %s)", self.name, self.port,
+                 self.metrics_port if self.metrics_port is not None else "off")
+        return self
+
+    def set_serving(self, ok: bool) -> None:
+        status = (health_pb2.HealthCheckResponse.SERVING if ok
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        for name in self.service_names + [""]:
+            self.health.set(name, status)
+
+    def stop(self, grace: float = 5.0) -> None:
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        self.set_serving(False)
+        self.server.stop(grace).wait()
+
+    def wait(self) -> None:
+        self._stopped.wait()
+
+
+def serve(name: str, port: int, register: Iterable[Callable[[grpc.Server], None]],
+          service_names: Iterable[str], metrics_port: int | None = None, grace: float = 5.0,
+          on_stop: Callable[[], None] | None = None, host: str = "0.0.0.0",
+          on_started: Callable[[Service], None] | None = None) -> None:
+    """Run a service until SIGTERM or SIGINT; then stop gracefully and call ``on_stop``."""
+    svc = Service(name, port, register, service_names, host=host, metrics_port=metrics_port).start()
+    stop_requested = threading.Event()
+
+    def _on_signal(signum, _frame):
+        log.info("%s: signal %d, shutting down", name, signum)
+        stop_requested.set()
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    if on_started is not None:
+        on_started(svc)
+    while not stop_requested.wait(0.5):
+        pass
+    svc.stop(grace)
+    if on_stop is not None:
+        on_stop()
+    log.info("%s stopped", name)
