@@ -1,0 +1,1 @@
+"""OEF allocator service: `python -m services.allocator --help` (docs/allocator.md)."""

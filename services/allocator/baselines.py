@@ -1,0 +1,102 @@
+"""Baselines for side-by-side comparison with OEF (same Problem, same utilities).
+
+- `max_min_perf`: Gavel's max-min fairness with performance: maximise the smallest
+  U_i / f_i(e_i) (utility relative to the weighted, capped equal share), then, at that
+  level, the efficiency (a tie-break that only helps the baseline);
+- `throughput_sum`: maximise sum_i U_i subject to capacity and caps only;
+- `equal_split`: the capped equal share, every tenant its best d_i GPUs of e_i;
+- `partial_allocation`: Cole-Gkatzelis-Goel's Partial Allocation mechanism
+  (strategy-proof): the weighted Nash-welfare allocation x*, each tenant keeping the
+  fraction f_i = (prod_{k!=i} U_k(x*)^w_k / prod_{k!=i} U_k(x*_{-i})^w_k)^(1/w_i) of it.
+All LPs by HiGHS; the Nash welfare (concave) by tangent cutting planes, also LPs.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+import numpy as np
+import scipy.sparse as sp
+
+from .oef import (Allocation, Problem, best_within_cap, block_rows, equal_share_values,
+                  solve_lp, utility_rows)
+
+
+def _timed(mode: str, t0: float, x: np.ndarray, **info) -> Allocation:
+    return Allocation(mode, x, time.perf_counter() - t0, info)
+
+
+def equal_split(p: Problem) -> Allocation:
+    t0 = time.perf_counter()
+    return _timed("equal", t0, best_within_cap(p.speedup, p.caps, p.equal_share))
+
+
+def throughput_sum(p: Problem) -> Allocation:
+    t0 = time.perf_counter()
+    rows, rhs = block_rows(p)
+    x = solve_lp(-p.speedup.ravel(), rows, rhs, what="throughput-sum LP")
+    return _timed("throughput-sum", t0, np.clip(x.reshape(p.n, p.m), 0.0, None))
+
+
+def max_min_perf(p: Problem) -> Allocation:
+    """Variables (x, t): max t s.t. U_i >= t f_i(e_i); then max sum U at U_i >= t* f_i(e_i)."""
+    t0 = time.perf_counter()
+    n, m = p.n, p.m
+    base = equal_share_values(p)
+    rows, rhs = block_rows(p)
+    a = sp.vstack([sp.hstack([rows, sp.csr_matrix((rows.shape[0], 1))]),
+                   sp.hstack([-utility_rows(p), sp.csr_matrix(base[:, None])])]).tocsr()
+    b = np.concatenate([rhs, np.zeros(n)])
+    z = solve_lp(np.concatenate([np.zeros(n * m), [-1.0]]), a, b, what="max-min LP")
+    level = z[-1] * (1 - 1e-9)
+    x = solve_lp(-p.speedup.ravel(), sp.vstack([rows, -utility_rows(p)]).tocsr(),
+                 np.concatenate([rhs, -level * base]), what="max-min tie-break LP")
+    return _timed("max-min", t0, np.clip(x.reshape(n, m), 0.0, None), level=float(z[-1]))
+
+
+def nash_welfare(p: Problem, rel_tol: float = 1e-10, max_iter: int = 200) -> np.ndarray:
+    """argmax sum_i w_i log U_i over capacity and caps (Eisenberg-Gale), by adding
+    tangent cuts z_i <= log u + (U_i - u)/u of log at the current utilities."""
+    n, m = p.n, p.m
+    base = np.maximum(equal_share_values(p), 1e-12)
+    rows, rhs = block_rows(p)
+    fixed = sp.hstack([rows, sp.csr_matrix((rows.shape[0], n))]).tocsr()
+    ur = utility_rows(p)
+    points = [base * f for f in (0.25, 0.5, 1.0, 2.0, 4.0, 16.0)]
+    c = np.concatenate([np.zeros(n * m), -p.weights])
+    for _ in range(max_iter):
+        u0 = np.concatenate(points)
+        idx = np.tile(np.arange(n), len(points))
+        # z_i - U_i/u0 <= log u0 - 1
+        cut = sp.hstack([-sp.diags(1 / u0) @ ur[idx], sp.csr_matrix(
+            (np.ones(len(idx)), (np.arange(len(idx)), idx)), shape=(len(idx), n))])
+        z = solve_lp(c, sp.vstack([fixed, cut]).tocsr(), np.concatenate([rhs, np.log(u0) - 1]),
+                     bounds=[(0, None)] * (n * m) + [(None, None)] * n, what="Nash welfare LP")
+        x = np.clip(z[:n * m].reshape(n, m), 0.0, None)
+        u = np.maximum((p.speedup * x).sum(axis=1), 1e-300)
+        gap = z[n * m:] - np.log(u)
+        if np.all(gap <= rel_tol):
+            return x
+        points.append(u)
+    return x
+
+
+def partial_allocation(p: Problem) -> Allocation:
+    t0 = time.perf_counter()
+    x = nash_welfare(p)
+    logu = np.log(np.maximum((p.speedup * x).sum(axis=1), 1e-300))
+    frac = np.ones(p.n)
+    for i in range(p.n):
+        keep = np.arange(p.n) != i
+        if not keep.any():
+            break
+        sub = replace(p, tenants=tuple(np.array(p.tenants)[keep]), weights=p.weights[keep],
+                      throughput=p.throughput[keep], caps=p.caps[keep])
+        xs = nash_welfare(sub)
+        logu_s = np.log(np.maximum((sub.speedup * xs).sum(axis=1), 1e-300))
+        frac[i] = min(1.0, np.exp((p.weights[keep] @ (logu[keep] - logu_s)) / p.weights[i]))
+    return _timed("partial-allocation", t0, x * frac[:, None], fractions=frac.tolist())
+
+
+BASELINES = {"max-min": max_min_perf, "throughput-sum": throughput_sum, "equal": equal_split,
+             "partial-allocation": partial_allocation}
