@@ -335,9 +335,9 @@ def noncooperative(p: Problem) -> Allocation:
 
 # ---------------------------------------------------------------- Pareto check
 
-def pareto_gap(p: Problem, x: np.ndarray) -> float:
-    """max sum_i t_i over allocations y with U_i(y) >= U_i(x) + t_i, t >= 0 (an LP),
-    relative to efficiency(x): 0 iff x is Pareto efficient."""
+def pareto_improvement(p: Problem, x: np.ndarray) -> tuple[float, np.ndarray]:
+    """max sum_i t_i over allocations y with U_i(y) >= U_i(x) + t_i, t >= 0 (an LP).
+    Returns (the gain relative to efficiency(x), y): the gain is 0 iff x is Pareto efficient."""
     n, m = p.n, p.m
     u = utilities(p, x)
     rows, rhs = block_rows(p)
@@ -345,4 +345,4 @@ def pareto_gap(p: Problem, x: np.ndarray) -> float:
     improve = sp.hstack([-utility_rows(p), sp.eye(n)])      # -U_i(y) + t_i <= -U_i(x)
     c = np.concatenate([np.zeros(n * m), -np.ones(n)])
     z = solve_lp(c, sp.vstack([rows, improve]).tocsr(), np.concatenate([rhs, -u]), what="Pareto LP")
-    return float(z[n * m:].sum() / max(u.sum(), 1e-12))
+    return float(z[n * m:].sum() / max(u.sum(), 1e-12)), np.clip(z[:n * m].reshape(n, m), 0.0, None)

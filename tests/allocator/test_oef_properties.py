@@ -1,0 +1,88 @@
+"""Property tests of the OEF modes and the baselines on random instances."""
+import numpy as np
+from alloc_instances import problems
+from hypothesis import given, settings
+
+from services.allocator import oef
+from services.allocator.baselines import BASELINES
+
+TOL = 1e-6
+
+
+def assert_feasible(p, x):
+    assert np.all(x >= -1e-9)
+    assert np.all(x.sum(axis=0) <= p.capacity * (1 + 1e-9) + 1e-9), "capacity exceeded"
+    assert np.all(x.sum(axis=1) <= p.caps * (1 + 1e-9) + 1e-9), "demand cap exceeded"
+
+
+@settings(max_examples=150, deadline=None)
+@given(problems())
+def test_both_oef_modes_are_feasible_si_and_ef(p):
+    for mode in (oef.cooperative, oef.noncooperative):
+        x = mode(p).x
+        assert_feasible(p, x)
+        assert oef.si_slack(p, x).min() >= -TOL, mode.__name__
+        assert oef.ef_slack(p, x).min() >= -TOL, mode.__name__
+
+
+@settings(max_examples=40, deadline=None)
+@given(problems(max_n=4, max_m=3))
+def test_cooperative_is_at_least_as_efficient_as_every_fair_baseline(p):
+    best = oef.efficiency(p, oef.cooperative(p).x)
+    fair = 0
+    for name, f in {**BASELINES, "noncooperative": oef.noncooperative}.items():
+        x = f(p).x
+        assert_feasible(p, x)
+        if oef.si_slack(p, x).min() >= -TOL and oef.ef_slack(p, x).min() >= -TOL:
+            fair += 1
+            assert best >= oef.efficiency(p, x) * (1 - 1e-7), name
+    assert fair >= 2  # equal split and noncooperative always qualify
+
+
+@settings(max_examples=60, deadline=None)
+@given(problems(max_n=2, caps=False))
+def test_cooperative_is_pareto_efficient_with_two_tenants(p):
+    # with two uncapped tenants EF follows from SI on a full allocation: no Pareto gap
+    gain, _ = oef.pareto_improvement(p, oef.cooperative(p).x)
+    assert gain <= 1e-7
+
+
+@settings(max_examples=60, deadline=None)
+@given(problems(min_n=3, caps=False))
+def test_every_pareto_improvement_of_cooperative_breaks_envy_freeness(p):
+    x = oef.cooperative(p).x
+    gain, y = oef.pareto_improvement(p, x)
+    if gain > 1e-6:   # the fair optimum is dominated only by allocations that are not fair
+        assert oef.si_slack(p, y).min() >= -TOL      # a Pareto improvement keeps SI ...
+        assert oef.ef_slack(p, y).min() < -1e-7      # ... so it must be EF that it gives up
+
+
+def test_pareto_lp_detects_an_inefficient_allocation():
+    p = oef.Problem(("a", "b"), np.array([1.0, 1.0]), ("t0", "t1"), np.ones(2),
+                    np.array([[1.0, 3.0], [3.0, 1.0]]), np.full(2, np.inf))
+    gain, y = oef.pareto_improvement(p, p.equal_share)
+    assert gain > 0.4 and oef.efficiency(p, y) > oef.efficiency(p, p.equal_share)
+    assert oef.pareto_improvement(p, oef.cooperative(p).x)[0] <= 1e-9
+
+
+def test_capped_tenant_values_only_its_best_gpus():
+    p = oef.Problem(("fast", "slow"), np.array([2.0, 10.0]), ("capped", "other"), np.ones(2),
+                    np.array([[4.0, 1.0], [2.0, 1.0]]), np.array([2.0, np.inf]))
+    assert oef.equal_share_values(p)[0] == 4.0 + 1.0        # 1 fast + 1 slow of (1 fast, 5 slow)
+    x = oef.cooperative(p).x
+    assert x[0].sum() <= 2 + 1e-9 and oef.ef_slack(p, x).min() >= -TOL
+
+
+def test_noncooperative_trades_when_preferences_differ():
+    p = oef.Problem(("a", "b"), np.array([2.0, 2.0]), ("t0", "t1"), np.ones(2),
+                    np.array([[1.0, 3.0], [3.0, 1.0]]), np.full(2, np.inf))
+    x = oef.noncooperative(p).x
+    np.testing.assert_allclose(x, [[0.0, 2.0], [2.0, 0.0]], atol=1e-12)
+
+
+def test_problem_rejects_bad_input_naming_the_field():
+    import pytest
+    with pytest.raises(ValueError, match="weights"):
+        oef.Problem(("a",), np.array([1.0]), ("t",), np.array([0.0]), np.array([[1.0]]), np.array([np.inf]))
+    with pytest.raises(ValueError, match="throughput"):
+        oef.Problem(("a",), np.array([1.0]), ("t",), np.array([1.0]), np.array([[0.0]]), np.array([np.inf]))
