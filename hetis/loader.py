@@ -8,6 +8,8 @@ weights match the Hugging Face (rotate-half) convention.
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import importlib.util
 import json
 import os
@@ -78,6 +80,13 @@ _GGUF_NAMES = {
 
 
 def _load_gguf(path: str, dtype: torch.dtype):
+    cached = _cache_path(path)
+    if cached is not None and os.path.exists(cached + ".json") and os.path.exists(cached + ".safetensors"):
+        from safetensors.torch import load_file
+        meta = json.load(open(cached + ".json"))
+        cfg = ModelConfig(**{**meta["config"], "eos_token_ids": tuple(meta["config"]["eos_token_ids"])})
+        sd = load_file(cached + ".safetensors")
+        return cfg, {k: v.to(dtype) for k, v in sd.items()}, Tokenizer.from_dict(meta["tokenizer"])
     import gguf
     r = gguf.GGUFReader(path)
     arch = _field(r, "general.architecture")
@@ -102,6 +111,45 @@ def _load_gguf(path: str, dtype: torch.dtype):
         bos_token_id=_field(r, "tokenizer.ggml.bos_token_id"),
         eos_token_ids=() if eos is None else (int(eos),),
     )
+    tok = Tokenizer.from_gguf_reader(r)
+    sd = _dequantize_gguf(r, tensors, n_head, n_kv)
+    if cached is not None:
+        _write_cache(cached, sd, {"config": dataclasses.asdict(cfg), "tokenizer": tok.to_dict()})
+    return cfg, {k: v.to(dtype) for k, v in sd.items()}, tok
+
+
+def _cache_path(path: str) -> str | None:
+    """Where the dequantised float32 weights of a GGUF file are cached.
+
+    Dequantising takes seconds per process; every mesh worker loads the model,
+    so the result is kept in ``$HETIS_CACHE_DIR`` (default ~/.cache/hetis),
+    keyed by the file's path, size and mtime. ``HETIS_CACHE_DIR=off`` disables it.
+    """
+    root = os.environ.get("HETIS_CACHE_DIR") or os.path.expanduser("~/.cache/hetis")
+    if root == "off":
+        return None
+    st = os.stat(path)
+    key = hashlib.sha1(f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()
+    return os.path.join(root, f"{pathlib.Path(path).stem}-{key[:16]}")
+
+
+def _write_cache(cached: str, sd: dict[str, torch.Tensor], meta: dict) -> None:
+    """Weights (.safetensors), then config and tokenizer (.json); each replaced atomically."""
+    from safetensors.torch import save_file
+    try:
+        os.makedirs(os.path.dirname(cached), exist_ok=True)
+        tmp = f"{cached}.{os.getpid()}.tmp"
+        save_file(sd, tmp)
+        os.replace(tmp, cached + ".safetensors")
+        with open(tmp, "w") as f:
+            json.dump(meta, f)
+        os.replace(tmp, cached + ".json")  # written last: its presence means both are whole
+    except OSError:
+        pass  # a read-only home only costs the dequantisation next time
+
+
+def _dequantize_gguf(r, tensors, n_head: int, n_kv: int) -> dict[str, torch.Tensor]:
+    import gguf
     sd = {}
     for name, t in tensors.items():
         arr = gguf.quants.dequantize(t.data, t.tensor_type)
@@ -124,9 +172,8 @@ def _load_gguf(path: str, dtype: torch.dtype):
             hf = "lm_head.weight"
         else:
             continue
-        sd[hf] = torch.from_numpy(np.array(arr, copy=True)).to(dtype)
-    tok = Tokenizer.from_gguf_reader(r)
-    return cfg, sd, tok
+        sd[hf] = torch.from_numpy(np.array(arr, copy=True))
+    return sd
 
 
 # ---------------------------------------------------------------- Hugging Face directory

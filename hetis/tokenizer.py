@@ -87,6 +87,16 @@ class Tokenizer:
         return cls(tok, tuple(eos_ids), None if bos is None else int(bos),
                    field("tokenizer.chat_template"), bool(field("tokenizer.ggml.add_bos_token", False)))
 
+    def to_dict(self) -> dict:
+        return {"tokenizer_json": self.tok.to_str(), "eos_token_ids": list(self.eos_token_ids),
+                "bos_token_id": self.bos_token_id, "chat_template": self.chat_template,
+                "add_bos": self.add_bos}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Tokenizer":
+        return cls(HFTokenizer.from_str(d["tokenizer_json"]), tuple(d["eos_token_ids"]),
+                   d["bos_token_id"], d["chat_template"], d["add_bos"])
+
     @classmethod
     def from_hf_dir(cls, path: str) -> "Tokenizer":
         tj = os.path.join(path, "tokenizer.json")
