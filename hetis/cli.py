@@ -1,0 +1,333 @@
+"""The `hetis` command.
+
+  hetis up         a local cluster: private Redis + attention workers + dense worker + router
+  hetis generate   complete a prompt on a running cluster (streamed)
+  hetis chat       an interactive chat on a running cluster
+  hetis status     the cluster's workers, placement and load
+  hetis demo       the in-process engine (hetis.LLM) on a few prompts, no cluster needed
+  hetis allocate   divide a heterogeneous GPU pool among tenants (OEF)
+
+Exit status: 0 success, 1 an error from the server or a service, 2 bad command-line input.
+Client commands talk to --target (default: $HETIS_TARGET, else localhost:50051).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+DEFAULT_TARGET = "localhost:50051"
+CLI_MAX_TOKENS = 128  # a CLI reply of SamplingParams' 16 tokens is too short to read
+
+
+class UsageError(Exception):
+    """Bad command-line input found after parsing (exit 2)."""
+
+
+# ------------------------------------------------------------------ parser
+def _client_flags() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("connection")
+    g.add_argument("--target", default=os.environ.get("HETIS_TARGET") or DEFAULT_TARGET,
+                   help="router host:port (default: $HETIS_TARGET, else %(default)s)"
+                   if not os.environ.get("HETIS_TARGET") else "router host:port (default: %(default)s)")
+    g.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                   help="deadline per call (default: 30 s for status, 600 s for a generation)")
+    return p
+
+
+def _sampling_flags() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("sampling (defaults: hetis.SamplingParams', except --max-tokens)")
+    g.add_argument("--max-tokens", type=int, default=CLI_MAX_TOKENS, metavar="N",
+                   help="tokens to generate at most (default %(default)s)")
+    g.add_argument("--temperature", type=float, metavar="T", help="0 is greedy (default 1.0)")
+    g.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling (default 1.0: off)")
+    g.add_argument("--top-k", type=int, metavar="K", help="top-k sampling (default -1: off)")
+    g.add_argument("--seed", type=int, help="make sampling reproducible")
+    g.add_argument("--stop", nargs="+", action="extend", metavar="S",
+                   help="stop string(s), not included in the output; repeatable")
+    g.add_argument("--stop-token-ids", nargs="+", type=int, action="extend", metavar="ID",
+                   help="stop token id(s)")
+    g.add_argument("--ignore-eos", action="store_true", help="keep going past end-of-sequence")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="hetis", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    from hetis import __version__
+    ap.add_argument("--version", action="version", version=f"hetis {__version__}")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    client, sampling = _client_flags(), _sampling_flags()
+
+    up = sub.add_parser("up", help="start a local cluster (Ctrl-C stops it)",
+                        description="Start a private Redis (unless --redis-url), N attention "
+                        "workers, a dense worker and the router as child processes; wait until "
+                        "all are healthy; stop them all on Ctrl-C or SIGTERM.")
+    up.add_argument("--attn-workers", type=_nonneg_int, default=2, metavar="N",
+                    help="attention workers (default %(default)s)")
+    up.add_argument("--port", type=_port, default=50051, help="router port (default %(default)s)")
+    up.add_argument("--redis-url", default=None, metavar="URL",
+                    help="use this Redis instead of starting a private one")
+    up.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    up.add_argument("--model", default=None, metavar="M",
+                    help=".gguf file or Hugging Face directory (default: SmolLM2-135M-Instruct)")
+    up.add_argument("--policy", choices=["hetis", "local-only", "round-robin"], default="hetis",
+                    help="head dispatch policy (default %(default)s)")
+    up.add_argument("--threads", type=_pos_int, default=1, metavar="T",
+                    help="torch threads per worker (default %(default)s)")
+    up.add_argument("--log-dir", default=None, metavar="DIR",
+                    help="where NAME.log of each service goes (default: a new temp dir)")
+    up.add_argument("--startup-timeout", type=float, default=300.0, metavar="SECONDS",
+                    help="give up if not ready by then (default %(default)s)")
+    up.set_defaults(func=cmd_up)
+
+    gen = sub.add_parser("generate", parents=[client, sampling], help="complete a prompt",
+                         description="Complete PROMPT on the cluster, streaming the text to stdout "
+                         "(a summary line goes to stderr). PROMPT '-' reads stdin.")
+    gen.add_argument("prompt", metavar="PROMPT")
+    gen.add_argument("--no-stream", action="store_true", help="print the text when complete")
+    gen.set_defaults(func=cmd_generate)
+
+    chat = sub.add_parser("chat", parents=[client, sampling], help="interactive chat",
+                          description="Chat with the model: one message per line on stdin; the "
+                          "conversation is kept. /exit or end-of-file quits, /reset forgets it.")
+    chat.add_argument("--system", metavar="S", help="a system message to start with")
+    chat.set_defaults(func=cmd_chat)
+
+    st = sub.add_parser("status", parents=[client], help="workers, placement and load",
+                        description="The router's view of the cluster.")
+    st.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    st.set_defaults(func=cmd_status)
+
+    demo = sub.add_parser("demo", help="run the in-process engine on a few prompts",
+                          description="Load the model into this process (hetis.LLM) and generate "
+                          "for a few prompts and a chat; no cluster needed.")
+    demo.add_argument("--model", default=None, metavar="M", help="default: SmolLM2-135M-Instruct")
+    demo.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    demo.add_argument("--max-tokens", type=_pos_int, default=32, metavar="N")
+    demo.add_argument("--threads", type=_pos_int, default=None, metavar="T",
+                      help="torch threads (default: torch's choice)")
+    demo.set_defaults(func=cmd_demo)
+
+    try:
+        from hetis import allocate_cli
+    except ImportError as e:
+        msg = f"hetis allocate is not available: {e}"
+        alloc = sub.add_parser("allocate", help="(unavailable) divide a GPU pool among tenants")
+        alloc.add_argument("rest", nargs=argparse.REMAINDER)
+        alloc.set_defaults(func=lambda args: _fail(msg))
+    else:
+        allocate_cli.add_parser(sub)  # sets func=allocate_cli.run
+    return ap
+
+
+def _pos_int(s: str) -> int:
+    v = int(s)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1 (got {s})")
+    return v
+
+
+def _nonneg_int(s: str) -> int:
+    v = int(s)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (got {s})")
+    return v
+
+
+def _port(s: str) -> int:
+    v = int(s)
+    if not 1 <= v <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number 1..65535 (got {s})")
+    return v
+
+
+def _fail(msg: str) -> int:
+    print(msg, file=sys.stderr)
+    return 1
+
+
+def sampling_kwargs(args) -> dict:
+    """The sampling flags that were given, checked like SamplingParams (UsageError if bad)."""
+    from hetis.client import InvalidArgument, sampling_proto
+    kw = {"max_tokens": args.max_tokens}
+    for name in ("temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids"):
+        if getattr(args, name) is not None:
+            kw[name] = getattr(args, name)
+    if args.ignore_eos:
+        kw["ignore_eos"] = True
+    try:
+        sampling_proto(kw)
+    except InvalidArgument as e:
+        name, _, why = e.details.partition(": ")
+        raise UsageError(f"--{name.replace('_', '-')}: {why}") from None
+    return kw
+
+
+def _client(args):
+    from hetis.client import Client
+    return Client(args.target, timeout=args.timeout)
+
+
+# ------------------------------------------------------------------ commands
+def cmd_up(args) -> int:
+    from hetis.up import run_up
+    return run_up(args)
+
+
+def cmd_generate(args) -> int:
+    kw = sampling_kwargs(args)
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    t0 = time.perf_counter()
+    with _client(args) as c:
+        if args.no_stream:
+            out = c.generate(prompt, **kw)
+            sys.stdout.write(out.text)
+        else:
+            from hetis.client import Completion
+            out = Completion()
+            for chunk in c.stream(prompt, **kw):
+                out.add(chunk)
+                sys.stdout.write(chunk.text)
+                sys.stdout.flush()
+    sys.stdout.write("\n")
+    _summary(out, time.perf_counter() - t0)
+    return 0
+
+
+def _summary(out, seconds: float) -> None:
+    n = out.completion_tokens or len(out.token_ids)
+    print(f"[{out.finish_reason or '?'}: {n} tokens in {seconds:.2f}s, "
+          f"{n / max(seconds, 1e-9):.1f} tok/s]", file=sys.stderr)
+
+
+def cmd_chat(args) -> int:
+    from hetis.client import InvalidArgument, ResourceExhausted
+    kw = sampling_kwargs(args)
+    start = [{"role": "system", "content": args.system}] if args.system else []
+    history = list(start)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("chat with the model; /reset forgets the conversation, /exit or Ctrl-D quits",
+              file=sys.stderr)
+    with _client(args) as c:
+        while True:
+            try:
+                line = input("you> " if interactive else "")
+            except EOFError:
+                break
+            line = line.strip()
+            if not line:
+                continue
+            if line in ("/exit", "/quit"):
+                break
+            if line == "/reset":
+                history = list(start)
+                continue
+            history.append({"role": "user", "content": line})
+            reply = []
+            try:
+                for chunk in c.stream_chat(history, **kw):
+                    reply.append(chunk.text)
+                    sys.stdout.write(chunk.text)
+                    sys.stdout.flush()
+            except (InvalidArgument, ResourceExhausted) as e:  # this message failed; go on
+                history.pop()
+                print(f"error: {_one_line(e)}", file=sys.stderr)
+                continue
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+            history.append({"role": "assistant", "content": "".join(reply)})
+    return 0
+
+
+def cmd_status(args) -> int:
+    with _client(args) as c:
+        st = c.cluster_status()
+    if args.json:
+        print(json.dumps(st, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+    t = Table(title=f"Hetis cluster at {args.target}  model={st['model'] or '?'}  "
+              f"policy={st['policy'] or '?'}", title_justify="left")
+    for col, just in [("id", "left"), ("kind", "left"), ("device", "left"), ("address", "left"),
+                      ("alive", "center"), ("resident", "right"), ("KV used/total", "right"),
+                      ("load (ms/step)", "right")]:
+        t.add_column(col, justify=just)
+    for w in st["workers"]:
+        groups = sum(len(r["groups"]) for r in w["resident"])
+        total = w["kv_total_tokens"]
+        kv = f"{w['kv_used_tokens']}/{total}" + (
+            f" ({100 * w['kv_used_tokens'] / total:.0f}%)" if total else "")
+        t.add_row(w["id"], w["kind"], w["device"], w["address"],
+                  "[green]yes[/]" if w["alive"] else "[red]NO[/]",
+                  f"{len(w['resident'])} req / {groups} grp", kv, f"{w['load'] * 1e3:.2f}")
+    con = Console()
+    if not con.is_terminal:  # piped: do not squeeze the table into 80 columns
+        con = Console(width=200)
+    con.print(t)
+    con.print(f"requests: {st['running']} running, {st['waiting']} waiting")
+    return 0
+
+
+DEMO_PROMPTS = ["The capital of France is", "def fibonacci(n):",
+                "The three primary colors are", "Once upon a time, in a land far away,"]
+DEMO_CHAT = [{"role": "user", "content": "What is the tallest mountain in the world?"}]
+
+
+def cmd_demo(args) -> int:
+    import torch
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from hetis import LLM, SamplingParams
+    t0 = time.perf_counter()
+    llm = LLM(model=args.model, dtype=args.dtype)
+    cfg = llm.model_config
+    name = os.path.basename(args.model) if args.model else "SmolLM2-135M-Instruct"
+    print(f"loaded {name} ({args.dtype}, {cfg.num_layers} layers, {cfg.num_heads} heads in "
+          f"{cfg.num_groups} KV-head groups) in {time.perf_counter() - t0:.1f}s\n")
+    params = SamplingParams(temperature=0, max_tokens=args.max_tokens)
+    t1 = time.perf_counter()
+    outs = llm.generate(DEMO_PROMPTS, params)
+    chat = llm.chat(DEMO_CHAT, params)[0]
+    dt = time.perf_counter() - t1
+    bold = (lambda s: f"\033[1m{s}\033[0m") if sys.stdout.isatty() else (lambda s: s)
+    for o in outs:
+        print(f"{bold(o.prompt)}{o.text}\n")
+    print(f"user: {DEMO_CHAT[0]['content']}\nassistant: {chat.text}\n")
+    n = sum(len(o.token_ids) for o in outs) + len(chat.token_ids)
+    print(f"{len(outs) + 1} requests, {n} tokens generated in {dt:.2f}s: {n / dt:.1f} tok/s "
+          f"(greedy, batched, in-process)")
+    return 0
+
+
+def _one_line(e) -> str:
+    return " ".join(str(e).split())
+
+
+# ------------------------------------------------------------------ entry point
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from hetis.client import HetisError
+    try:
+        return int(args.func(args) or 0)
+    except UsageError as e:
+        print(f"hetis {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except HetisError as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # `hetis generate ... | head`
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,502 @@
+"""The Hetis client SDK: ``Client`` (blocking) and ``AsyncClient`` (asyncio).
+
+Both speak the public ``hetis.v1.Generation`` API of a router::
+
+    from hetis import Client
+
+    with Client("localhost:50051") as c:
+        out = c.generate("The capital of France is", max_tokens=8, temperature=0)
+        print(out.text, out.finish_reason)
+        for chunk in c.stream("Once upon a time", max_tokens=32):
+            print(chunk.text, end="", flush=True)
+
+Sampling keywords are ``hetis.SamplingParams``' names and defaults; they are
+checked here before anything is sent (``InvalidArgument``, a ``ValueError``,
+naming the field; an unknown keyword is a ``TypeError``).
+
+Deadlines: every call has one. ``timeout`` (seconds) given to a call wins over
+the client's ``timeout``; when both are None, unary calls get
+``DEFAULT_UNARY_TIMEOUT`` and generations ``DEFAULT_STREAM_TIMEOUT``. The
+deadline covers the whole call, retries included.
+
+Retries: on UNAVAILABLE (router down or restarting) a call is retried up to
+``retries`` times with exponential backoff (``backoff`` seconds, doubling,
+with jitter), within the deadline. Tokenize, model_info and cluster_status
+are idempotent and always retried. A generation (generate, stream, chat,
+stream_chat) is retried only while no chunk has been received: after the
+first chunk a retry would repeat text the caller has already seen, so the
+error is raised instead. Other status codes are never retried.
+
+Errors: gRPC status codes become ``HetisError`` subclasses (``InvalidArgument``,
+``ResourceExhausted``, ``Unavailable``, ``DeadlineExceeded``, ``NotFound``,
+``Cancelled``; other codes raise ``HetisError`` itself). Each carries ``code``
+(a ``grpc.StatusCode``) and ``details`` (the server's message).
+"""
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from dataclasses import dataclass, field, fields
+from typing import AsyncIterator, Iterator
+
+import grpc
+
+from hetis.sampling import SamplingParams
+from hetis.service import GRPC_OPTIONS
+from hetis.v1 import generation_pb2 as pb
+from hetis.v1 import generation_pb2_grpc as pb_grpc
+
+__all__ = ["Client", "AsyncClient", "Completion", "Chunk", "HetisError", "InvalidArgument",
+           "ResourceExhausted", "Unavailable", "DeadlineExceeded", "NotFound", "Cancelled",
+           "DEFAULT_TARGET", "DEFAULT_UNARY_TIMEOUT", "DEFAULT_STREAM_TIMEOUT"]
+
+DEFAULT_TARGET = "localhost:50051"
+DEFAULT_UNARY_TIMEOUT = 30.0
+DEFAULT_STREAM_TIMEOUT = 600.0
+SAMPLING_FIELDS = tuple(f.name for f in fields(SamplingParams) if f.init)
+
+# Reconnect quickly after a failed connection, so a retry after our backoff
+# finds the channel trying again rather than waiting out gRPC's 1 s+ backoff.
+CHANNEL_OPTIONS = GRPC_OPTIONS + [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+]
+
+
+# ------------------------------------------------------------------ errors
+class HetisError(Exception):
+    """A failed call; ``code`` is the grpc.StatusCode, ``details`` the server's message."""
+
+    def __init__(self, details: str, code: grpc.StatusCode | None = None):
+        self.code = code
+        self.details = details
+        super().__init__(f"{code.name}: {details}" if code is not None else details)
+
+
+class InvalidArgument(HetisError, ValueError):
+    """The request is malformed (also raised locally, before sending)."""
+
+
+class ResourceExhausted(HetisError):
+    """The server is full (queue or KV capacity); try later or ask for less."""
+
+
+class Unavailable(HetisError):
+    """The server cannot be reached or is shutting down (after retries)."""
+
+
+class DeadlineExceeded(HetisError):
+    """The call's deadline passed."""
+
+
+class NotFound(HetisError):
+    """No such request, model or method."""
+
+
+class Cancelled(HetisError):
+    """The call was cancelled."""
+
+
+_ERRORS = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
+    grpc.StatusCode.OUT_OF_RANGE: InvalidArgument,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+    grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.CANCELLED: Cancelled,
+}
+
+
+def error_from_rpc(e: grpc.RpcError) -> HetisError:
+    """The HetisError for a failed gRPC call (sync or aio)."""
+    code = e.code()
+    details = e.details() or ""
+    return _ERRORS.get(code, HetisError)(details, code)
+
+
+# ------------------------------------------------------------------ results
+@dataclass
+class Chunk:
+    """One streamed piece: the tokens and text since the previous chunk."""
+    request_id: str
+    text: str
+    token_ids: list[int]
+    finished: bool
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class Completion:
+    """A whole generation (what ``generate`` and ``chat`` return)."""
+    request_id: str = ""
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def add(self, c: Chunk) -> None:
+        self.request_id = c.request_id or self.request_id
+        self.text += c.text
+        self.token_ids.extend(c.token_ids)
+        self.prompt_tokens = c.prompt_tokens or self.prompt_tokens
+        self.completion_tokens = c.completion_tokens or len(self.token_ids)
+        if c.finished:
+            self.finish_reason = c.finish_reason or None
+
+
+def _chunk(m: pb.GenerateChunk) -> Chunk:
+    return Chunk(m.request_id, m.text, list(m.token_ids), m.finished, m.finish_reason or None,
+                 m.prompt_tokens, m.completion_tokens)
+
+
+def message_to_dict(m) -> dict:
+    """A proto message as plain Python values (ints stay ints, all fields present)."""
+    out = {}
+    for f in m.DESCRIPTOR.fields:
+        v = getattr(m, f.name)
+        is_msg = f.message_type is not None
+        if f.is_repeated:
+            out[f.name] = [message_to_dict(x) if is_msg else x for x in v]
+        else:
+            out[f.name] = message_to_dict(v) if is_msg else v
+    return out
+
+
+# ------------------------------------------------------------------ request building
+def sampling_proto(sampling: dict) -> pb.SamplingParams:
+    """Check keywords like ``SamplingParams(**sampling)`` and map the given ones to the proto.
+
+    Fields not given stay unset, so the server applies the same defaults.
+    """
+    unknown = sorted(set(sampling) - set(SAMPLING_FIELDS))
+    if unknown:
+        raise TypeError(f"unknown sampling keyword argument(s): {', '.join(unknown)} "
+                        f"(valid: {', '.join(SAMPLING_FIELDS)})")
+    try:
+        p = SamplingParams(**sampling)
+    except ValueError as e:
+        raise InvalidArgument(str(e), grpc.StatusCode.INVALID_ARGUMENT) from None
+    msg = pb.SamplingParams(stop=p.stop_list, stop_token_ids=p.stop_token_ids,
+                            ignore_eos=p.ignore_eos)
+    for name in ("temperature", "top_p", "top_k", "max_tokens"):
+        if name in sampling:
+            setattr(msg, name, getattr(p, name))
+    if p.seed is not None:
+        msg.seed = p.seed
+    return msg
+
+
+def generate_request(prompt, prompt_token_ids, request_id, sampling: dict) -> pb.GenerateRequest:
+    if (prompt is None) == (prompt_token_ids is None):
+        raise InvalidArgument("prompt: give exactly one of prompt or prompt_token_ids",
+                              grpc.StatusCode.INVALID_ARGUMENT)
+    req = pb.GenerateRequest(request_id=_request_id(request_id), sampling=sampling_proto(sampling))
+    if prompt is not None:
+        if not isinstance(prompt, str):
+            raise InvalidArgument(f"prompt: must be a string (got {type(prompt).__name__})",
+                                  grpc.StatusCode.INVALID_ARGUMENT)
+        req.prompt = prompt
+    else:
+        ids = list(prompt_token_ids) if isinstance(prompt_token_ids, (list, tuple)) else None
+        if not ids or any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < 2 ** 31
+                          for t in ids):
+            raise InvalidArgument("prompt_token_ids: must be a non-empty list of non-negative "
+                                  f"integers (got {prompt_token_ids!r:.80})",
+                                  grpc.StatusCode.INVALID_ARGUMENT)
+        req.prompt_token_ids.ids.extend(ids)
+    return req
+
+
+def chat_messages(messages) -> list[pb.ChatMessage]:
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise InvalidArgument("messages: must be a non-empty list of {'role', 'content'} dicts",
+                              grpc.StatusCode.INVALID_ARGUMENT)
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not m.get("role") \
+                or not isinstance(m.get("content"), str):
+            raise InvalidArgument(f"messages[{i}]: needs a non-empty string 'role' and a string "
+                                  "'content'", grpc.StatusCode.INVALID_ARGUMENT)
+        out.append(pb.ChatMessage(role=m["role"], content=m["content"]))
+    return out
+
+
+def chat_request(messages, request_id, sampling: dict) -> pb.ChatRequest:
+    return pb.ChatRequest(request_id=_request_id(request_id), messages=chat_messages(messages),
+                          sampling=sampling_proto(sampling))
+
+
+def tokenize_request(text, messages) -> pb.TokenizeRequest:
+    if (text is None) == (messages is None):
+        raise InvalidArgument("text: give exactly one of text or messages",
+                              grpc.StatusCode.INVALID_ARGUMENT)
+    if messages is not None:
+        return pb.TokenizeRequest(messages=chat_messages(messages))
+    if not isinstance(text, str):
+        raise InvalidArgument(f"text: must be a string (got {type(text).__name__})",
+                              grpc.StatusCode.INVALID_ARGUMENT)
+    return pb.TokenizeRequest(text=text)
+
+
+def _request_id(request_id) -> str:
+    if request_id is None:
+        return ""  # the router makes one
+    if not isinstance(request_id, str):
+        raise InvalidArgument("request_id: must be a string", grpc.StatusCode.INVALID_ARGUMENT)
+    return request_id
+
+
+# ------------------------------------------------------------------ retry policy
+class _Policy:
+    """Deadline and backoff bookkeeping shared by both clients."""
+
+    def __init__(self, timeout: float | None, retries: int, backoff: float):
+        if timeout is not None and not timeout > 0:
+            raise ValueError(f"timeout: must be > 0 seconds or None (got {timeout!r})")
+        if not isinstance(retries, int) or retries < 0:
+            raise ValueError(f"retries: must be an integer >= 0 (got {retries!r})")
+        self.timeout, self.retries, self.backoff = timeout, retries, backoff
+
+    def deadline(self, timeout: float | None, stream: bool) -> float:
+        if timeout is not None and not timeout > 0:
+            raise ValueError(f"timeout: must be > 0 seconds or None (got {timeout!r})")
+        t = timeout if timeout is not None else self.timeout
+        if t is None:
+            t = DEFAULT_STREAM_TIMEOUT if stream else DEFAULT_UNARY_TIMEOUT
+        return time.monotonic() + t
+
+    def retry_delay(self, e: grpc.RpcError, attempt: int, deadline: float) -> float | None:
+        """Seconds to wait before retrying after ``e``, or None to give up."""
+        if e.code() != grpc.StatusCode.UNAVAILABLE or attempt >= self.retries:
+            return None
+        delay = self.backoff * (2 ** attempt) * random.uniform(0.8, 1.2)
+        if time.monotonic() + delay >= deadline - 0.01:
+            return None
+        return delay
+
+
+def _remaining(deadline: float) -> float:
+    return max(deadline - time.monotonic(), 0.001)
+
+
+# ------------------------------------------------------------------ blocking client
+class Client:
+    """A blocking client of a Hetis router. Use it as a context manager or call ``close()``.
+
+    Args:
+        target: the router's ``host:port``.
+        timeout: default deadline in seconds for every call (None: 30 s for
+            unary calls, 600 s for generations).
+        retries: how many times a call is retried on UNAVAILABLE (see the module doc).
+        backoff: the first retry's delay in seconds; it doubles each retry.
+    """
+
+    def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = None,
+                 retries: int = 3, backoff: float = 0.25):
+        self.target = target
+        self._policy = _Policy(timeout, retries, backoff)
+        self._channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self._stub = pb_grpc.GenerationStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- plumbing
+    def _unary(self, method, request, timeout):
+        deadline = self._policy.deadline(timeout, stream=False)
+        attempt = 0
+        while True:
+            try:
+                return method(request, timeout=_remaining(deadline))
+            except grpc.RpcError as e:
+                delay = self._policy.retry_delay(e, attempt, deadline)
+                if delay is None:
+                    raise error_from_rpc(e) from None
+            time.sleep(delay)
+            attempt += 1
+
+    def _stream(self, method, request, timeout) -> Iterator[Chunk]:
+        deadline = self._policy.deadline(timeout, stream=True)
+        attempt = 0
+        while True:
+            call = method(request, timeout=_remaining(deadline))
+            received = False
+            try:
+                for m in call:
+                    received = True
+                    yield _chunk(m)
+                return
+            except grpc.RpcError as e:
+                delay = None if received else self._policy.retry_delay(e, attempt, deadline)
+                if delay is None:
+                    raise error_from_rpc(e) from None
+            finally:
+                call.cancel()  # no-op when finished; stops the server when the caller breaks off
+            time.sleep(delay)
+            attempt += 1
+
+    # -- API
+    def stream(self, prompt: str | None = None, *, prompt_token_ids: list[int] | None = None,
+               request_id: str | None = None, timeout: float | None = None,
+               **sampling) -> Iterator[Chunk]:
+        """Yield ``Chunk``s as the router generates; the last has ``finished=True``.
+
+        Breaking out of the loop (or closing the iterator) cancels the request.
+        """
+        req = generate_request(prompt, prompt_token_ids, request_id, sampling)
+        return self._stream(self._stub.Generate, req, timeout)
+
+    def generate(self, prompt: str | None = None, *, prompt_token_ids: list[int] | None = None,
+                 request_id: str | None = None, timeout: float | None = None,
+                 **sampling) -> Completion:
+        """Complete ``prompt`` (or ``prompt_token_ids``) and return the whole ``Completion``."""
+        out = Completion()
+        for c in self.stream(prompt, prompt_token_ids=prompt_token_ids, request_id=request_id,
+                             timeout=timeout, **sampling):
+            out.add(c)
+        return out
+
+    def stream_chat(self, messages: list[dict], *, request_id: str | None = None,
+                    timeout: float | None = None, **sampling) -> Iterator[Chunk]:
+        """Reply to ``messages`` (``{"role", "content"}`` dicts), streamed."""
+        req = chat_request(messages, request_id, sampling)
+        return self._stream(self._stub.Chat, req, timeout)
+
+    def chat(self, messages: list[dict], *, request_id: str | None = None,
+             timeout: float | None = None, **sampling) -> Completion:
+        """Reply to ``messages`` and return the whole ``Completion``."""
+        out = Completion()
+        for c in self.stream_chat(messages, request_id=request_id, timeout=timeout, **sampling):
+            out.add(c)
+        return out
+
+    def tokenize(self, text: str | None = None, messages: list[dict] | None = None, *,
+                 timeout: float | None = None) -> list[int]:
+        """Token ids of ``text``, or of ``messages`` rendered with the chat template."""
+        return list(self._unary(self._stub.Tokenize, tokenize_request(text, messages),
+                                timeout).token_ids)
+
+    def model_info(self, *, timeout: float | None = None) -> dict:
+        """The served model: name, dtype, layers, heads, kv heads, vocab, max_model_len, ..."""
+        return message_to_dict(self._unary(self._stub.GetModelInfo, pb.ModelInfoRequest(), timeout))
+
+    def cluster_status(self, *, timeout: float | None = None) -> dict:
+        """Workers (id, kind, device, address, alive, resident groups, KV, load) and queue sizes."""
+        return message_to_dict(self._unary(self._stub.GetClusterStatus, pb.ClusterStatusRequest(),
+                                           timeout))
+
+
+# ------------------------------------------------------------------ asyncio client
+class AsyncClient:
+    """The same API as ``Client`` on ``grpc.aio``: coroutines, and async generators for streams.
+
+    ::
+
+        async with AsyncClient("localhost:50051") as c:
+            out = await c.generate("Hello", max_tokens=8)
+            async for chunk in c.stream("Hello"):
+                ...
+    """
+
+    def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = None,
+                 retries: int = 3, backoff: float = 0.25):
+        self.target = target
+        self._policy = _Policy(timeout, retries, backoff)
+        self._channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self._stub = pb_grpc.GenerationStub(self._channel)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def _unary(self, method, request, timeout):
+        deadline = self._policy.deadline(timeout, stream=False)
+        attempt = 0
+        while True:
+            try:
+                return await method(request, timeout=_remaining(deadline))
+            except grpc.RpcError as e:
+                delay = self._policy.retry_delay(e, attempt, deadline)
+                if delay is None:
+                    raise error_from_rpc(e) from None
+            await asyncio.sleep(delay)
+            attempt += 1
+
+    async def _stream(self, method, request, timeout) -> AsyncIterator[Chunk]:
+        deadline = self._policy.deadline(timeout, stream=True)
+        attempt = 0
+        while True:
+            call = method(request, timeout=_remaining(deadline))
+            received = False
+            try:
+                async for m in call:
+                    received = True
+                    yield _chunk(m)
+                return
+            except grpc.RpcError as e:
+                delay = None if received else self._policy.retry_delay(e, attempt, deadline)
+                if delay is None:
+                    raise error_from_rpc(e) from None
+            finally:
+                call.cancel()
+            await asyncio.sleep(delay)
+            attempt += 1
+
+    def stream(self, prompt: str | None = None, *, prompt_token_ids: list[int] | None = None,
+               request_id: str | None = None, timeout: float | None = None,
+               **sampling) -> AsyncIterator[Chunk]:
+        """An async generator of ``Chunk``s (arguments are checked when called)."""
+        req = generate_request(prompt, prompt_token_ids, request_id, sampling)
+        return self._stream(self._stub.Generate, req, timeout)
+
+    async def generate(self, prompt: str | None = None, *,
+                       prompt_token_ids: list[int] | None = None, request_id: str | None = None,
+                       timeout: float | None = None, **sampling) -> Completion:
+        out = Completion()
+        async for c in self.stream(prompt, prompt_token_ids=prompt_token_ids,
+                                   request_id=request_id, timeout=timeout, **sampling):
+            out.add(c)
+        return out
+
+    def stream_chat(self, messages: list[dict], *, request_id: str | None = None,
+                    timeout: float | None = None, **sampling) -> AsyncIterator[Chunk]:
+        req = chat_request(messages, request_id, sampling)
+        return self._stream(self._stub.Chat, req, timeout)
+
+    async def chat(self, messages: list[dict], *, request_id: str | None = None,
+                   timeout: float | None = None, **sampling) -> Completion:
+        out = Completion()
+        async for c in self.stream_chat(messages, request_id=request_id, timeout=timeout,
+                                        **sampling):
+            out.add(c)
+        return out
+
+    async def tokenize(self, text: str | None = None, messages: list[dict] | None = None, *,
+                       timeout: float | None = None) -> list[int]:
+        resp = await self._unary(self._stub.Tokenize, tokenize_request(text, messages), timeout)
+        return list(resp.token_ids)
+
+    async def model_info(self, *, timeout: float | None = None) -> dict:
+        return message_to_dict(await self._unary(self._stub.GetModelInfo, pb.ModelInfoRequest(),
+                                                 timeout))
+
+    async def cluster_status(self, *, timeout: float | None = None) -> dict:
+        return message_to_dict(await self._unary(self._stub.GetClusterStatus,
+                                                 pb.ClusterStatusRequest(), timeout))

@@ -1,0 +1,241 @@
+"""`hetis up`: a local cluster (private Redis, attention workers, a dense worker,
+the router) as child processes of this one, stopped together.
+
+``service_commands`` is the single place the service command lines are built;
+docker-compose.yml runs the same ones (tests/test_compose.py keeps them equal).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+from hetis.redisproc import RedisProcess, free_port
+
+LOCAL_HOST = "127.0.0.1"
+STOP_GRACE = 10.0  # seconds between SIGTERM and SIGKILL (services drain for 5 s)
+
+
+def service_commands(args, ports: dict[str, int] | None = None,
+                     host: str = LOCAL_HOST) -> list[tuple[str, list[str]]]:
+    """(name, argv) of every service, in start order: attn-0.., dense-0, router.
+
+    ``args`` carries attn_workers, port (the router's), redis_url, model, dtype,
+    policy and threads (``hetis up``'s flags). ``ports`` maps worker names to
+    their ports (missing ones get free ports); ``host`` is how services reach
+    each other (127.0.0.1 locally, service names in docker-compose).
+    """
+    ports = dict(ports or {})
+    py = sys.executable
+    model = ["--model", args.model] if args.model else []
+    cmds = []
+    for i in range(args.attn_workers):
+        name = f"attn-{i}"
+        port = ports.setdefault(name, free_port())
+        cmds.append((name, [py, "-m", "services.attn_worker", "--port", str(port),
+                            "--redis-url", args.redis_url, "--worker-id", name,
+                            "--advertise-host", host, "--threads", str(args.threads),
+                            "--metrics-port", "0"]))
+    dense_port = ports.setdefault("dense-0", free_port())
+    cmds.append(("dense-0", [py, "-m", "services.dense_worker", "--port", str(dense_port),
+                             "--redis-url", args.redis_url, "--worker-id", "dense-0", *model,
+                             "--dtype", args.dtype, "--advertise-host", host,
+                             "--threads", str(args.threads), "--metrics-port", "0"]))
+    cmds.append(("router", [py, "-m", "services.router", "--port", str(args.port),
+                            "--redis-url", args.redis_url, *model,
+                            "--dense-worker", f"{host}:{dense_port}",
+                            "--attn-workers", str(args.attn_workers),
+                            "--policy", args.policy, "--metrics-port", "0"]))
+    return cmds
+
+
+def port_of(argv: list[str]) -> int:
+    return int(argv[argv.index("--port") + 1])
+
+
+class ChildDied(RuntimeError):
+    def __init__(self, name: str, returncode: int, tail: str):
+        self.name, self.returncode, self.tail = name, returncode, tail
+        super().__init__(f"{name} exited with status {returncode}")
+
+
+def _die_with_parent():  # runs in the child between fork and exec
+    if _LIBC is not None:
+        _LIBC.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: SIGTERM us if `hetis up` is killed
+
+
+try:  # loaded before any fork: dlopen in a forked child is not safe
+    import ctypes
+    _LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
+except OSError:
+    _LIBC = None
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    log_path: str
+    proc: subprocess.Popen | None = None
+    healthy: bool = False
+
+    @property
+    def address(self) -> str:
+        return f"{LOCAL_HOST}:{port_of(self.argv)}"
+
+    def tail(self, lines: int = 40) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - 64 * 1024))
+                text = f.read().decode(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+@dataclass
+class LocalCluster:
+    """Child processes, each logging to ``log_dir/NAME.log``; ``stop()`` leaves none behind."""
+    commands: list[tuple[str, list[str]]]
+    log_dir: str
+    children: list[Child] = field(default_factory=list)
+
+    def start(self) -> None:
+        os.makedirs(self.log_dir, exist_ok=True)
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        for name, argv in self.commands:
+            child = Child(name, argv, os.path.join(self.log_dir, f"{name}.log"))
+            with open(child.log_path, "wb") as log:
+                # own session: a terminal's Ctrl-C reaches only us, and we stop children in order
+                child.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
+                                              stderr=subprocess.STDOUT, env=env,
+                                              start_new_session=True,
+                                              preexec_fn=_die_with_parent if _LIBC else None)
+            self.children.append(child)
+
+    def check_alive(self) -> None:
+        for c in self.children:
+            if c.proc is not None and c.proc.poll() is not None:
+                raise ChildDied(c.name, c.proc.returncode, c.tail())
+
+    def wait_ready(self, router: str, attn_workers: int, timeout: float,
+                   progress=lambda msg: None) -> None:
+        """Until every child is SERVING and the router lists ``attn_workers`` live attention
+        workers. Raises ChildDied if one exits, TimeoutError naming the laggards."""
+        from hetis.client import Client, HetisError
+        from hetis.healthcheck import check
+        deadline = time.monotonic() + timeout
+        seen = -1
+        with Client(router, retries=0) as client:
+            while True:
+                self.check_alive()
+                for c in self.children:
+                    if not c.healthy and check(c.address, timeout=1.0) == "SERVING":
+                        c.healthy = True
+                        progress(f"{c.name} serving at {c.address}")
+                if all(c.healthy for c in self.children):
+                    try:
+                        st = client.cluster_status(timeout=2.0)
+                        seen = sum(1 for w in st["workers"] if w["kind"] == "attention" and w["alive"])
+                    except HetisError:
+                        seen = -1
+                    if seen >= attn_workers:
+                        return
+                if time.monotonic() > deadline:
+                    waiting = [c.name for c in self.children if not c.healthy]
+                    why = (f"not serving: {', '.join(waiting)}" if waiting else
+                           f"the router sees {max(seen, 0)} of {attn_workers} attention workers")
+                    raise TimeoutError(f"cluster not ready after {timeout:.0f}s ({why})")
+                time.sleep(0.5)
+
+    def watch(self, poll: float = 0.5) -> ChildDied:
+        """Block until a child exits; return what happened."""
+        while True:
+            try:
+                self.check_alive()
+            except ChildDied as e:
+                return e
+            time.sleep(poll)
+
+    def stop(self, grace: float = STOP_GRACE) -> None:
+        """SIGTERM every child (router first), SIGKILL what is left after ``grace`` seconds."""
+        live = [c.proc for c in reversed(self.children) if c.proc and c.proc.poll() is None]
+        for p in live:
+            try:
+                p.terminate()
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace
+        for p in live:
+            try:
+                p.wait(max(deadline - time.monotonic(), 0.01))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("0.0.0.0", port))
+            return True
+        except OSError:
+            return False
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt
+
+
+def run_up(args, out=print, err=lambda msg: print(msg, file=sys.stderr)) -> int:
+    """The whole of `hetis up`: start, wait until ready, run until Ctrl-C/SIGTERM, stop."""
+    if not _port_free(args.port):
+        err(f"hetis up: port {args.port} is in use (pick another with --port)")
+        return 1
+    log_dir = args.log_dir or tempfile.mkdtemp(prefix="hetis-up-")
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    redis = cluster = None
+    try:
+        if args.redis_url is None:
+            redis = RedisProcess()
+            args.redis_url = redis.url
+            out(f"redis at {redis.url}")
+        cluster = LocalCluster(service_commands(args), log_dir)
+        cluster.start()
+        out(f"starting {len(cluster.children)} services (logs in {log_dir})")
+        router = f"{LOCAL_HOST}:{args.port}"
+        cluster.wait_ready(router, args.attn_workers, args.startup_timeout, progress=out)
+        out(f"Hetis is up: router at {router}  (HETIS_TARGET={router}; Ctrl-C stops)")
+        died = cluster.watch()
+        err(f"hetis up: {died} -- last lines of {died.name}.log:\n{died.tail}")
+        return 1
+    except ChildDied as e:
+        err(f"hetis up: {e} during start-up -- last lines of {e.name}.log:\n{e.tail}")
+        return 1
+    except TimeoutError as e:
+        err(f"hetis up: {e}; logs in {log_dir}")
+        return 1
+    except (RuntimeError, OSError) as e:  # e.g. redis-server missing, a log dir not writable
+        err(f"hetis up: {e}")
+        return 1
+    except KeyboardInterrupt:
+        out("stopping")
+        return 0
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the stop short
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        try:
+            if cluster is not None:
+                cluster.stop()
+            if redis is not None:
+                redis.stop()
+        finally:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.signal(signal.SIGTERM, previous)
