@@ -137,3 +137,60 @@ class AttentionBackend:
                 o = F.scaled_dot_product_attention(qp, kc, vc, attn_mask=mask, enable_gqa=True)
             out[p.rows] = o.transpose(1, 2).reshape(-1, self.qpg, self.head_dim)
         return out
+
+
+class Residency:
+    """What a device holds, as seen from the layouts it executes (for telemetry)."""
+
+    def __init__(self, block_size: int):
+        self.block_size = block_size
+        self.blocks: dict[int, dict[int, int]] = {}  # seq_id -> group -> blocks
+
+    def update(self, items: list[AttnItem], freed=()) -> None:
+        for s in freed:
+            self.blocks.pop(s, None)
+        for it in items:
+            self.blocks.setdefault(it.seq_id, {})[it.group] = len(it.blocks)
+
+    @property
+    def used_tokens(self) -> int:
+        return sum(n for gs in self.blocks.values() for n in gs.values()) * self.block_size
+
+    def groups(self) -> dict[int, list[int]]:
+        return {s: sorted(gs) for s, gs in self.blocks.items()}
+
+
+def profile_attention(backend: "AttentionBackend", num_items: int = 12,
+                      contexts: tuple[int, int] = (32, 512), repeats: int = 3) -> tuple[float, float]:
+    """Measure (seconds per token x group read, seconds per group) of one decode layer.
+
+    Runs decode attention over ``num_items`` synthetic (sequence, group) items at
+    two context lengths on ``backend`` (whose cache must have room) and solves
+    t = a * tokens + b * groups. This is the dispatcher's starting cost model;
+    workers refine it from the steps they run.
+    """
+    import time as _time
+    bs = backend.block_size
+    D, qpg = backend.head_dim, backend.qpg
+    dtype = backend.store.k.dtype
+    nblk = backend.store.k.shape[1]
+    times = []
+    for ctx in contexts:
+        per = cdiv(ctx, bs)
+        if per * num_items > nblk:
+            raise ValueError("profile_attention: the cache is too small to profile")
+        items = [AttnItem(10 ** 9 + i, 0, ctx - 1, 1, list(range(i * per, (i + 1) * per)))
+                 for i in range(num_items)]
+        backend.begin_step(items)
+        q = torch.randn(num_items, qpg, D, dtype=dtype, device=backend.device)
+        kv = torch.randn(num_items, D, dtype=dtype, device=backend.device)
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = _time.perf_counter()
+            backend.attend(0, q, kv, kv)
+            best = min(best, _time.perf_counter() - t0)
+        times.append(best)
+    t1, t2 = times
+    a = max((t2 - t1) / (num_items * (contexts[1] - contexts[0])), 1e-12)
+    b = max((t1 - a * num_items * contexts[0]) / num_items, 1e-9)
+    return a, b

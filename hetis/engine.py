@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 from hetis.config import EngineConfig
-from hetis.executor import Executor
+from hetis.executor import Executor, StepChunk
 from hetis.kv_cache import BlockManager
-from hetis.sampling import SamplingParams, sample
+from hetis.sampling import SamplingParams
 from hetis.scheduler import Scheduler
 from hetis.sequence import Sequence
 from hetis.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -30,9 +30,10 @@ class StepOutput:
 class Engine:
     def __init__(self, executor: Executor, tokenizer: Tokenizer, managers: list[BlockManager],
                  cfg: EngineConfig, place: Callable[[Sequence], list[int] | None],
-                 eos_token_ids: tuple[int, ...] = ()):
+                 eos_token_ids: tuple[int, ...] = (), vocab_size: int | None = None):
         self.executor, self.tokenizer, self.cfg = executor, tokenizer, cfg
         self.managers = managers
+        self.vocab_size = vocab_size or tokenizer.vocab_size
         self.scheduler = Scheduler(cfg, managers, place)
         self.eos = set(eos_token_ids) | set(tokenizer.eos_token_ids)
         self.seqs: dict[str, Sequence] = {}
@@ -45,10 +46,10 @@ class Engine:
             raise ValueError(f"request_id: {request_id!r} is already in use")
         if not prompt_token_ids:
             raise ValueError("prompt: must not be empty")
-        bad = [t for t in prompt_token_ids if not 0 <= t < self.executor.model.cfg.vocab_size]
+        bad = [t for t in prompt_token_ids if not 0 <= t < self.vocab_size]
         if bad:
             raise ValueError(f"prompt_token_ids: {bad[0]} is outside the vocabulary "
-                             f"[0, {self.executor.model.cfg.vocab_size})")
+                             f"[0, {self.vocab_size})")
         if len(prompt_token_ids) >= self.cfg.max_model_len:
             raise ValueError(f"prompt: {len(prompt_token_ids)} tokens leave no room under "
                              f"max_model_len={self.cfg.max_model_len}")
@@ -85,13 +86,12 @@ class Engine:
         self.scheduler.rejected.clear()
         if not chunks:
             return outs
-        logits = self.executor.execute(chunks, self.scheduler.items(chunks))
+        step_chunks = [StepChunk(c.seq.seq_id, c.start, c.seq.tokens(c.start, c.start + c.num_new),
+                                 c.sample, c.seq.params, c.seq.generator) for c in chunks]
+        toks = self.executor.execute(step_chunks, self.scheduler.items(chunks), self.take_freed())
         sampled = [c for c in chunks if c.sample]
         for c in chunks:
             c.seq.num_computed = c.start + c.num_new
-        if not sampled:
-            return outs
-        toks = sample(logits, [c.seq.params for c in sampled], [c.seq.generator for c in sampled])
         now = time.monotonic()
         for c, tok in zip(sampled, toks):
             seq = c.seq
@@ -99,6 +99,11 @@ class Engine:
                 seq.first_token_time = now
             outs.append(self._append(seq, tok))
         return outs
+
+    def take_freed(self) -> list[int]:
+        """Sequence ids whose KV was freed since the last call (workers drop them)."""
+        freed, self.scheduler.freed = self.scheduler.freed, []
+        return freed
 
     def _append(self, seq: Sequence, tok: int) -> StepOutput:
         seq.output_token_ids.append(tok)

@@ -4,15 +4,48 @@ Backend 0..N-1 each hold some head groups of some sequences (the placement).
 Per layer, the q/k/v of every backend's items are gathered into one packed
 tensor (item-major), handed to the backend, and the outputs scattered back.
 Remote backends (``remote = True``: ``send``/``recv``) are sent to first, so
-their work overlaps the local backends' compute.
+their work overlaps the local backends' compute. The executor also samples:
+in the mesh it runs in the dense worker, which returns token ids, not logits.
 """
 from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
 
 import torch
 
 from hetis.attention import AttnItem
 from hetis.model import DenseModel
-from hetis.scheduler import Chunk
+from hetis.sampling import SamplingParams, sample
+
+
+@dataclass
+class StepChunk:
+    """One sequence's share of a step, as the executor needs it."""
+    seq_id: int
+    start: int
+    token_ids: list[int]
+    sample: bool = False
+    params: SamplingParams | None = None
+    generator: torch.Generator | None = None
+
+
+@dataclass
+class StepTimes:
+    total: float = 0.0
+    local_attn: float = 0.0
+    exchange_wait: float = 0.0
+
+    @property
+    def dense(self) -> float:
+        return self.total - self.local_attn - self.exchange_wait
+
+
+@dataclass
+class _Index:
+    rows: torch.Tensor   # token row of each packed row
+    grp: torch.Tensor    # head group of each packed row
+    all_rows: bool = field(default=False)
 
 
 class Executor:
@@ -20,31 +53,54 @@ class Executor:
         self.model, self.backends = model, backends
         c = model.cfg
         self.G, self.qpg, self.D = c.num_groups, c.q_per_group, c.head_dim
+        self.last_times = StepTimes()
 
-    def execute(self, chunks: list[Chunk], items: list[list[AttnItem]]) -> torch.Tensor:
-        """Float32 logits [len(sampled chunks), vocab] for the chunks with ``sample``."""
+    def _index(self, items: list[AttnItem], offsets: dict[int, int]) -> _Index:
+        n = torch.tensor([it.num_new for it in items])
+        first = torch.tensor([offsets[it.seq_id] for it in items])
+        base = torch.cumsum(n, 0) - n
+        item_of_row = torch.repeat_interleave(torch.arange(len(items)), n)
+        rows = first[item_of_row] + torch.arange(int(n.sum())) - base[item_of_row]
+        return _Index(rows, torch.tensor([it.group for it in items])[item_of_row])
+
+    def execute(self, chunks: list[StepChunk], items: list[list[AttnItem]],
+                freed: list[int] = ()) -> list[int]:
+        """Run the step; return one sampled token per chunk with ``sample``, in order."""
+        t0 = time.perf_counter()
+        logits = self.forward(chunks, items, freed)
+        sampled = [c for c in chunks if c.sample]
+        toks = sample(logits, [c.params for c in sampled], [c.generator for c in sampled]) if sampled else []
+        self.last_times.total = time.perf_counter() - t0
+        return toks
+
+    def forward(self, chunks: list[StepChunk], items: list[list[AttnItem]],
+                freed: list[int] = ()) -> torch.Tensor:
+        """Run the step; float32 logits of the chunks with ``sample``, in order."""
+        if not chunks:  # nothing to compute: only tell remote workers what was freed
+            for be in self.backends:
+                if getattr(be, "remote", False):
+                    be.begin_step([], freed)
+                    be.end_step()
+            self.last_times = StepTimes()
+            return torch.empty(0, self.model.cfg.vocab_size)
+        times = StepTimes()
         ids, pos, offsets, logit_rows = [], [], {}, []
         t = 0
         for c in chunks:
-            offsets[c.seq.seq_id] = t
-            ids.extend(c.seq.tokens(c.start, c.start + c.num_new))
-            pos.extend(range(c.start, c.start + c.num_new))
-            t += c.num_new
+            offsets[c.seq_id] = t
+            ids.extend(c.token_ids)
+            pos.extend(range(c.start, c.start + len(c.token_ids)))
+            t += len(c.token_ids)
             if c.sample:
                 logit_rows.append(t - 1)
-        index = []  # per backend: (token rows, groups) of its packed rows
+        index: list[_Index | None] = []
         for b, its in enumerate(items):
-            if not its:
-                index.append(None)
-                continue
-            n = torch.tensor([it.num_new for it in its])
-            first = torch.tensor([offsets[it.seq_id] for it in its])
-            base = torch.cumsum(n, 0) - n
-            item_of_row = torch.repeat_interleave(torch.arange(len(its)), n)
-            rows = first[item_of_row] + torch.arange(int(n.sum())) - base[item_of_row]
-            grp = torch.tensor([it.group for it in its])[item_of_row]
-            index.append((rows, grp))
-            self.backends[b].begin_step(its)
+            be = self.backends[b]
+            if getattr(be, "remote", False):
+                be.begin_step(its, freed)   # the layout goes once per step, even when empty
+            elif its:
+                be.begin_step(its)
+            index.append(self._index(its, offsets) if its else None)
         order = sorted(range(len(items)), key=lambda b: not getattr(self.backends[b], "remote", False))
         G, qpg, D = self.G, self.qpg, self.D
 
@@ -54,19 +110,30 @@ class Executor:
             out = torch.empty_like(q4)
             pending = []
             for b in order:
-                if index[b] is None:
+                ix = index[b]
+                if ix is None:
                     continue
-                rows, grp = index[b]
                 be = self.backends[b]
                 if getattr(be, "remote", False):
-                    be.send(layer, q4[rows, grp], k[rows, grp], v[rows, grp])
+                    be.send(layer, q4[ix.rows, ix.grp], k[ix.rows, ix.grp], v[ix.rows, ix.grp])
                     pending.append(b)
                 else:
-                    out[rows, grp] = be.attend(layer, q4[rows, grp], k[rows, grp], v[rows, grp])
+                    ta = time.perf_counter()
+                    out[ix.rows, ix.grp] = be.attend(layer, q4[ix.rows, ix.grp], k[ix.rows, ix.grp],
+                                                     v[ix.rows, ix.grp])
+                    times.local_attn += time.perf_counter() - ta
             for b in pending:
-                rows, grp = index[b]
-                out[rows, grp] = self.backends[b].recv(layer)
+                ix = index[b]
+                tw = time.perf_counter()
+                out[ix.rows, ix.grp] = self.backends[b].recv(layer)
+                times.exchange_wait += time.perf_counter() - tw
             return out.view(T, G * qpg, D)
 
-        return self.model.forward(torch.tensor(ids), torch.tensor(pos), torch.tensor(logit_rows),
-                                  attend)
+        long = dict(dtype=torch.long)
+        logits = self.model.forward(torch.tensor(ids, **long), torch.tensor(pos, **long),
+                                    torch.tensor(logit_rows, **long), attend)
+        for be in self.backends:
+            if getattr(be, "remote", False):
+                be.end_step()
+        self.last_times = times
+        return logits

@@ -88,7 +88,7 @@ class LLM:
                                      cfg.q_per_group, self.dtype) for m in managers]
         self.engine = Engine(Executor(dense, backends), self.tokenizer, managers,
                              self.engine_config, place=lambda seq: list(self.placement),
-                             eos_token_ids=cfg.eos_token_ids)
+                             eos_token_ids=cfg.eos_token_ids, vocab_size=cfg.vocab_size)
         self._ids = itertools.count()
 
     # ------------------------------------------------------------ API

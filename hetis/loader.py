@@ -14,6 +14,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import uuid
 
 import numpy as np
 import torch
@@ -46,6 +47,20 @@ def resolve_model(model: str | None) -> str:
         raise FileNotFoundError(f"model: no such file or directory: {path!r} "
                                 "(give a .gguf file or a Hugging Face model directory)")
     return path
+
+
+def load_meta(model: str | None):
+    """(config, tokenizer) without the weights (what the router needs)."""
+    path = resolve_model(model)
+    if os.path.isdir(path):
+        cfg, _ = _hf_config(path)
+        return cfg, Tokenizer.from_hf_dir(path)
+    cached = _cache_path(path)
+    if cached is not None and os.path.exists(cached + ".json"):
+        return _read_cache_meta(cached)
+    import gguf
+    r = gguf.GGUFReader(path)
+    return _gguf_config(r), Tokenizer.from_gguf_reader(r)
 
 
 def load(model: str | None, dtype: torch.dtype = torch.float32):
@@ -83,12 +98,26 @@ def _load_gguf(path: str, dtype: torch.dtype):
     cached = _cache_path(path)
     if cached is not None and os.path.exists(cached + ".json") and os.path.exists(cached + ".safetensors"):
         from safetensors.torch import load_file
-        meta = json.load(open(cached + ".json"))
-        cfg = ModelConfig(**{**meta["config"], "eos_token_ids": tuple(meta["config"]["eos_token_ids"])})
+        cfg, tok = _read_cache_meta(cached)
         sd = load_file(cached + ".safetensors")
-        return cfg, {k: v.to(dtype) for k, v in sd.items()}, Tokenizer.from_dict(meta["tokenizer"])
+        return cfg, {k: v.to(dtype) for k, v in sd.items()}, tok
     import gguf
     r = gguf.GGUFReader(path)
+    cfg = _gguf_config(r)
+    tok = Tokenizer.from_gguf_reader(r)
+    sd = _dequantize_gguf(r, {t.name: t for t in r.tensors}, cfg.num_heads, cfg.num_kv_heads)
+    if cached is not None:
+        _write_cache(cached, sd, {"config": dataclasses.asdict(cfg), "tokenizer": tok.to_dict()})
+    return cfg, {k: v.to(dtype) for k, v in sd.items()}, tok
+
+
+def _read_cache_meta(cached: str):
+    meta = json.load(open(cached + ".json"))
+    cfg = ModelConfig(**{**meta["config"], "eos_token_ids": tuple(meta["config"]["eos_token_ids"])})
+    return cfg, Tokenizer.from_dict(meta["tokenizer"])
+
+
+def _gguf_config(r) -> ModelConfig:
     arch = _field(r, "general.architecture")
     if arch != "llama":
         raise ValueError(f"model: GGUF architecture {arch!r} is not supported (llama family only)")
@@ -99,7 +128,7 @@ def _load_gguf(path: str, dtype: torch.dtype):
     tensors = {t.name: t for t in r.tensors}
     vocab = int(_field(r, a + "vocab_size", 0) or len(_field(r, "tokenizer.ggml.tokens")))
     eos = _field(r, "tokenizer.ggml.eos_token_id")
-    cfg = ModelConfig(
+    return ModelConfig(
         vocab_size=vocab, hidden_size=hidden,
         intermediate_size=int(_field(r, a + "feed_forward_length")),
         num_layers=int(_field(r, a + "block_count")), num_heads=n_head, num_kv_heads=n_kv,
@@ -111,11 +140,6 @@ def _load_gguf(path: str, dtype: torch.dtype):
         bos_token_id=_field(r, "tokenizer.ggml.bos_token_id"),
         eos_token_ids=() if eos is None else (int(eos),),
     )
-    tok = Tokenizer.from_gguf_reader(r)
-    sd = _dequantize_gguf(r, tensors, n_head, n_kv)
-    if cached is not None:
-        _write_cache(cached, sd, {"config": dataclasses.asdict(cfg), "tokenizer": tok.to_dict()})
-    return cfg, {k: v.to(dtype) for k, v in sd.items()}, tok
 
 
 def _cache_path(path: str) -> str | None:
@@ -138,7 +162,7 @@ def _write_cache(cached: str, sd: dict[str, torch.Tensor], meta: dict) -> None:
     from safetensors.torch import save_file
     try:
         os.makedirs(os.path.dirname(cached), exist_ok=True)
-        tmp = f"{cached}.{os.getpid()}.tmp"
+        tmp = f"{cached}.{uuid.uuid4().hex}.tmp"  # unique even across containers (all pid 1)
         save_file(sd, tmp)
         os.replace(tmp, cached + ".safetensors")
         with open(tmp, "w") as f:
@@ -180,6 +204,18 @@ def _dequantize_gguf(r, tensors, n_head: int, n_kv: int) -> dict[str, torch.Tens
 
 def _load_hf_dir(path: str, dtype: torch.dtype):
     from safetensors.torch import load_file
+    cfg, _ = _hf_config(path)
+    files = sorted(pathlib.Path(path).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"model: {path!r} has no *.safetensors files")
+    sd = {}
+    for f in files:
+        for k, v in load_file(str(f)).items():
+            sd[k] = v.to(dtype)
+    return cfg, sd, Tokenizer.from_hf_dir(path)
+
+
+def _hf_config(path: str):
     cfg_path = os.path.join(path, "config.json")
     if not os.path.exists(cfg_path):
         raise FileNotFoundError(f"model: {path!r} has no config.json")
@@ -202,12 +238,4 @@ def _load_hf_dir(path: str, dtype: torch.dtype):
         tie_word_embeddings=c.get("tie_word_embeddings", False),
         bos_token_id=c.get("bos_token_id"), eos_token_ids=eos_ids,
     )
-    files = sorted(pathlib.Path(path).glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"model: {path!r} has no *.safetensors files")
-    sd = {}
-    for f in files:
-        for k, v in load_file(str(f)).items():
-            sd[k] = v.to(dtype)
-    tok = Tokenizer.from_hf_dir(path)
-    return cfg, sd, tok
+    return cfg, c

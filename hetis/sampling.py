@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch loads on first sampling, so `import hetis` (the CLI, the SDK) stays light
+    import torch
 
 
 @dataclass
@@ -56,8 +58,9 @@ class SamplingParams:
         return self.temperature == 0
 
 
-def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+def _filter(logits: "torch.Tensor", top_k: int, top_p: float) -> "torch.Tensor":
     """Mask logits outside top-k / nucleus top-p with -inf (one row)."""
+    import torch
     if top_k > 0 and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -71,9 +74,10 @@ def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     return logits
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams],
-           generators: list[torch.Generator | None]) -> list[int]:
+def sample(logits: "torch.Tensor", params: list[SamplingParams],
+           generators: list["torch.Generator | None"]) -> list[int]:
     """One token per row of float32 ``logits`` [N, V]."""
+    import torch
     out = logits.argmax(-1).tolist()
     for i, p in enumerate(params):
         if p.greedy:

@@ -45,6 +45,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preemptions = 0
         self.rejected: list[Sequence] = []  # finished because they can never fit
+        self.freed: list[int] = []          # seq ids whose KV was freed (for remote workers)
 
     # ------------------------------------------------------------ queue
     def add(self, seq: Sequence) -> None:
@@ -78,6 +79,8 @@ class Scheduler:
             m.allocate(seq.seq_id, gs, n)
 
     def _free(self, seq: Sequence) -> None:
+        if seq.placement is not None:
+            self.freed.append(seq.seq_id)
         for m in self.managers:
             m.free(seq.seq_id)
 
@@ -116,6 +119,11 @@ class Scheduler:
             if seq.placement is None:
                 seq.placement = self.place(seq)
                 if seq.placement is None:
+                    if not self.running:  # nothing will ever free room for it
+                        self.waiting.popleft()
+                        self.finish(seq, "length")
+                        self.rejected.append(seq)
+                        continue
                     break
             n = min(seq.num_tokens - seq.num_computed, budget)
             if not self._can_alloc(seq, n):

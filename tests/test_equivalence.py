@@ -35,8 +35,11 @@ def test_logits_match_transformers(llm, hf_model, prompts):
         ref = hf_model(torch.tensor([ids])).logits[0, -1]
     eng = llm.engine
     eng.add_request("logits-probe", ids, SamplingParams(temperature=0, max_tokens=1))
+    from hetis.executor import StepChunk
     chunks = eng.scheduler.schedule()
-    ours = eng.executor.execute(chunks, eng.scheduler.items(chunks))[0]
+    step = [StepChunk(c.seq.seq_id, c.start, c.seq.tokens(c.start, c.start + c.num_new), c.sample)
+            for c in chunks]
+    ours = eng.executor.forward(step, eng.scheduler.items(chunks))[0]
     eng.abort("logits-probe")
     assert (ours - ref).abs().max().item() < 1e-3
 

@@ -1,0 +1,36 @@
+"""Dense worker: holds the weights, runs every step's dense math, samples.
+
+    python -m services.dense_worker --port 50061 --redis-url redis://localhost:6379/0 \\
+        [--model PATH] [--dtype float32|bfloat16] [--worker-id dense-0] [--advertise-host HOST] \\
+        [--device cpu|cuda:N] [--kv-tokens N] [--dist-port P] [--threads T] \\
+        [--metrics-port P] [--log-level INFO]
+
+Its own device also serves attention for the head groups the router places
+there. The router calls Connect once with the attention workers' addresses;
+the dense worker then forms the torch.distributed group (rank 0) with them.
+"""
+from __future__ import annotations
+
+import argparse
+
+from hetis.worker_common import add_common_flags
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m services.dense_worker", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_flags(ap, default_port=50061)
+    ap.add_argument("--model", default=None, help="GGUF file or HF directory (default: SmolLM2-135M)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--kv-tokens", type=int, default=131072,
+                    help="KV capacity of this device in tokens x head groups (default 131072)")
+    ap.add_argument("--block-size", type=int, default=16, help="KV block size in tokens")
+    ap.add_argument("--dist-port", type=int, default=0,
+                    help="torch.distributed rendezvous port (0: a free one)")
+    args = ap.parse_args(argv)
+    from services.dense_worker.server import run
+    run(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""Router: the public hetis.v1.Generation API, scheduling and head dispatch.
+
+    python -m services.router --port 50051 --redis-url redis://localhost:6379/0 \\
+        --dense-worker HOST:PORT [--attn-workers N] [--policy hetis|local-only|round-robin] \\
+        [--model PATH] [--max-num-seqs 64] [--max-num-batched-tokens 1024] \\
+        [--max-model-len 2048] [--max-queue 256] [--startup-timeout 300] \\
+        [--metrics-port P] [--log-level INFO]
+
+At start it waits for the dense worker and for N live attention workers in
+Redis, connects them into one tensor group, then serves.
+"""
+from __future__ import annotations
+
+import argparse
+
+from hetis.dispatcher import POLICIES
+
+
+def main(argv=None) -> None:
+    from hetis.telemetry import DEFAULT_REDIS_URL
+    ap = argparse.ArgumentParser(prog="python -m services.router", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--port", type=int, default=50051, help="public gRPC port")
+    ap.add_argument("--host", default="0.0.0.0", help="interface to bind")
+    ap.add_argument("--redis-url", default=DEFAULT_REDIS_URL, help="Redis (env HETIS_REDIS_URL)")
+    ap.add_argument("--dense-worker", required=True, help="the dense worker's gRPC host:port")
+    ap.add_argument("--attn-workers", type=int, default=0,
+                    help="attention workers to wait for in Redis and connect (default 0)")
+    ap.add_argument("--policy", default="hetis", choices=POLICIES, help="head dispatch policy")
+    ap.add_argument("--model", default=None,
+                    help="model (for the tokenizer); must be the dense worker's (default: SmolLM2-135M)")
+    ap.add_argument("--max-num-seqs", type=int, default=64, help="sequences per step at most")
+    ap.add_argument("--max-num-batched-tokens", type=int, default=1024, help="tokens per step at most")
+    ap.add_argument("--max-model-len", type=int, default=2048, help="prompt + output tokens at most")
+    ap.add_argument("--max-queue", type=int, default=256,
+                    help="waiting requests beyond which new ones get RESOURCE_EXHAUSTED")
+    ap.add_argument("--startup-timeout", type=float, default=300.0,
+                    help="seconds to wait for the workers at start")
+    ap.add_argument("--metrics-port", type=int, default=None, help="Prometheus port (0: free one)")
+    ap.add_argument("--log-level", default="INFO")
+    args = ap.parse_args(argv)
+    for f in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "max_queue"):
+        if getattr(args, f) <= 0:
+            ap.error(f"--{f.replace('_', '-')}: must be positive")
+    if args.attn_workers < 0:
+        ap.error("--attn-workers: must be >= 0")
+    from services.router.server import run
+    run(args)
+
+
+if __name__ == "__main__":
+    main()
