@@ -24,6 +24,7 @@ import scipy.sparse as sp
 from scipy.optimize import linprog
 
 TOL = 1e-9  # relative tolerance of the LPs and of the cut generation
+CUTS_PER_TENANT = 3  # EF rows added per tenant and LP round
 HIGHS = {"primal_feasibility_tolerance": 1e-10, "dual_feasibility_tolerance": 1e-10}
 
 
@@ -239,8 +240,36 @@ def _ef_violations(p: Problem, x: np.ndarray, lam: np.ndarray, scale: np.ndarray
     return v
 
 
+def _groups(p: Problem) -> tuple[np.ndarray, np.ndarray]:
+    """Tenants with the same speedup vector and cap per unit of weight are interchangeable:
+    (group index per tenant, first member per group)."""
+    key = np.concatenate([p.speedup, (p.caps / p.weights)[:, None]], axis=1)
+    _, first, inverse = np.unique(key, axis=0, return_index=True, return_inverse=True)
+    return inverse.ravel(), first
+
+
 def cooperative(p: Problem, max_refine: int = 4) -> Allocation:
     """max sum_i U_i s.t. capacity, caps, SI and weighted EF (HiGHS LPs).
+
+    Interchangeable tenants (same speedups, same cap per weight) are merged into one
+    of their total weight and cap: the LP is convex and symmetric in them, so it has
+    an optimum giving them equal bundles per unit of weight, where EF among them
+    holds with equality. The group's bundle is split in proportion to weight.
+    """
+    t0 = time.perf_counter()
+    group, first = _groups(p)
+    if len(first) == p.n:
+        return _cooperative(p, max_refine, t0)
+    wsum = np.bincount(group, weights=p.weights)
+    q = Problem(p.gpu_types, p.capacity, tuple(p.tenants[i] for i in first), wsum, p.throughput[first],
+                p.caps[first] / p.weights[first] * wsum, p.prices)
+    agg = _cooperative(q, max_refine, t0)
+    x = agg.x[group] * (p.weights / wsum[group])[:, None]
+    return Allocation("cooperative", x, time.perf_counter() - t0, {**agg.info, "groups": len(first)})
+
+
+def _cooperative(p: Problem, max_refine: int, t0: float) -> Allocation:
+    """The LP of `cooperative` for distinct tenants.
 
     EF rows are added lazily (solve, add the violated pairs, re-solve). EF against a
     capped valuation f_i is not convex; each pair's condition is enforced through
@@ -271,7 +300,11 @@ def cooperative(p: Problem, max_refine: int = 4) -> Allocation:
             lp_solves += 1
             x = np.clip(xf.reshape(n, m), 0.0, None)
             viol = _ef_violations(p, x, lam, scale) if n > 1 else np.zeros((n, n))
-            new = np.argwhere(viol > TOL * 10)
+            # per envious tenant, only its few most violated pairs: most pairs never bind
+            worst = np.argsort(-viol, axis=1)[:, :CUTS_PER_TENANT]
+            rows_i = np.repeat(np.arange(n), worst.shape[1])
+            new = np.stack([rows_i, worst.ravel()], axis=1)
+            new = new[viol[new[:, 0], new[:, 1]] > TOL * 10]
             if len(new) == 0:
                 break
             cuts = np.unique(np.concatenate([cuts, new]), axis=0)
