@@ -114,6 +114,7 @@ class RouterCore:
         self.thread = threading.Thread(target=self._loop, name="router-engine", daemon=True)
         self.lock = threading.Lock()
         self._preemptions = 0
+        self.pending_adds = 0
 
     def start(self) -> "RouterCore":
         self.thread.start()
@@ -130,11 +131,12 @@ class RouterCore:
         """Queue a request; raises ValueError (bad input) or QueueFull."""
         if self.error:
             raise RuntimeError(self.error)
-        with self.lock:
-            if len(self.engine.scheduler.waiting) + self.commands.qsize() >= self.max_queue:
-                raise QueueFull(f"queue is full ({self.max_queue} waiting requests); retry later")
         cmd = _Add(request_id, prompt_ids, params, prompt, queue.Queue())
-        self.commands.put(cmd)
+        with self.lock:
+            if len(self.engine.scheduler.waiting) + self.pending_adds >= self.max_queue:
+                raise QueueFull(f"queue is full ({self.max_queue} waiting requests); retry later")
+            self.pending_adds += 1
+            self.commands.put(cmd)
         self.wake.set()
         cmd.done.result(timeout=60)  # re-raises the engine's validation error
         return cmd.out
@@ -151,6 +153,8 @@ class RouterCore:
             except queue.Empty:
                 return
             if isinstance(cmd, _Add):
+                with self.lock:
+                    self.pending_adds -= 1
                 try:
                     self.engine.add_request(cmd.request_id, cmd.prompt_ids, cmd.params, cmd.prompt)
                 except Exception as e:  # noqa: BLE001 - reported to the caller

@@ -62,8 +62,8 @@ class Generation(generation_pb2_grpc.GenerationServicer):
         except RuntimeError as e:
             ctx.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         # a cancelled call or a gone client aborts the request and frees its KV
-        ctx.add_callback(lambda: self.core.abort(rid))
         finished = False
+        ctx.add_callback(lambda: None if finished else self.core.abort(rid))
         try:
             while not finished:
                 try:
