@@ -38,8 +38,9 @@ def throughput_sum(p: Problem) -> Allocation:
     return _timed("throughput-sum", t0, np.clip(x.reshape(p.n, p.m), 0.0, None))
 
 
-def max_min_perf(p: Problem) -> Allocation:
-    """Variables (x, t): max t s.t. U_i >= t f_i(e_i); then max sum U at U_i >= t* f_i(e_i)."""
+def max_min_perf(p: Problem, tie_break: bool = True) -> Allocation:
+    """Variables (x, t): max t s.t. U_i >= t f_i(e_i); then max sum U at U_i >= t* f_i(e_i).
+    ``tie_break=False`` returns the first LP's vertex as is (like Gavel's policy)."""
     t0 = time.perf_counter()
     n, m = p.n, p.m
     base = equal_share_values(p)
@@ -48,6 +49,8 @@ def max_min_perf(p: Problem) -> Allocation:
                    sp.hstack([-utility_rows(p), sp.csr_matrix(base[:, None])])]).tocsr()
     b = np.concatenate([rhs, np.zeros(n)])
     z = solve_lp(np.concatenate([np.zeros(n * m), [-1.0]]), a, b, what="max-min LP")
+    if not tie_break:
+        return _timed("max-min", t0, np.clip(z[:-1].reshape(n, m), 0.0, None), level=float(z[-1]))
     level = z[-1] * (1 - 1e-9)
     x = solve_lp(-p.speedup.ravel(), sp.vstack([rows, -utility_rows(p)]).tocsr(),
                  np.concatenate([rhs, -level * base]), what="max-min tie-break LP")

@@ -86,3 +86,18 @@ def test_problem_rejects_bad_input_naming_the_field():
         oef.Problem(("a",), np.array([1.0]), ("t",), np.array([0.0]), np.array([[1.0]]), np.array([np.inf]))
     with pytest.raises(ValueError, match="throughput"):
         oef.Problem(("a",), np.array([1.0]), ("t",), np.array([1.0]), np.array([[0.0]]), np.array([np.inf]))
+
+
+@settings(max_examples=40, deadline=None)
+@given(problems(max_n=3, max_m=3))
+def test_merging_interchangeable_tenants_loses_nothing(p):
+    # duplicate every tenant (with a different weight, same cap per weight): merged LP vs full LP
+    from dataclasses import replace
+    q = replace(p, tenants=p.tenants + tuple(t + "b" for t in p.tenants), weights=np.tile(p.weights, 2) * np.repeat([1, 2], p.n),
+                throughput=np.tile(p.throughput, (2, 1)), caps=np.tile(p.caps, 2) * np.repeat([1, 2], p.n))
+    merged = oef.cooperative(q)
+    assert merged.info["groups"] <= p.n
+    full = oef._cooperative(q, 4, 0.0)
+    assert oef.efficiency(q, merged.x) >= oef.efficiency(q, full.x) * (1 - 1e-7)
+    assert oef.si_slack(q, merged.x).min() >= -TOL and oef.ef_slack(q, merged.x).min() >= -TOL
+    assert_feasible(q, merged.x)

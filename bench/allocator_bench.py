@@ -1,0 +1,167 @@
+"""Allocator benchmark: solve time per mode and scale, efficiency gain over Gavel's
+max-min fairness with performance on instances drawn from the Gavel data.
+
+    .venv/bin/python -m bench.allocator_bench [--quick]
+
+Writes bench/results/allocator.json and bench/results/allocator.png.
+Instances: each tenant runs one Gavel job type (per-GPU throughput on v100, p100, k80),
+weight 1, 2 or 4. For 8 GPU types, 5 synthetic types are added to every Gavel job
+type as fixed random mixtures of its three measured speeds (x 0.8-1.2); with
+--distinct they are drawn per tenant instead, so every profile is different (the
+worst case for the cooperative LP, which merges identical tenants).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import statistics
+import time
+
+import numpy as np
+from rich.console import Console
+from rich.progress import track
+from rich.table import Table
+
+from services.allocator import gavel, oef
+from services.allocator.baselines import max_min_perf
+from services.allocator.modes import MODES
+
+OUT = pathlib.Path(__file__).resolve().parent / "results"
+
+
+def catalogue_prices() -> dict[str, float]:
+    """Public exchange rates: each type's geometric-mean speedup over k80 in the catalogue
+    (independent of any tenant's report, so the exchange stays strategy-proof)."""
+    logs = {g: [] for g in ("v100", "p100", "k80")}
+    for j in gavel.jobs():
+        t = j["throughput_steps_per_s"]
+        if t["k80"] > 0:
+            for g in logs:
+                logs[g].append(np.log(t[g] / t["k80"]))
+    return {g: float(np.exp(np.mean(v))) for g, v in logs.items()}
+
+
+def _extra(rng, thr: list[float], k: int) -> list[float]:
+    return [float(rng.dirichlet(np.ones(3)) @ thr * rng.uniform(0.8, 1.2)) for _ in range(k)]
+
+
+def instance(rng, n: int, m: int, gpus_per_tenant: float = 2.0, caps: bool = False,
+             prices: dict | None = None, distinct: bool = False) -> oef.Problem:
+    jobs = gavel.jobs()
+    types = ["v100", "p100", "k80"] + [f"x{k}" for k in range(m - 3)]
+    fixed = np.random.default_rng(0)
+    synth = [_extra(fixed, [j["throughput_steps_per_s"][g] for g in types[:3]], m - 3) for j in jobs]
+    tenants = []
+    for i in range(n):
+        k = rng.integers(len(jobs))
+        j = jobs[k]
+        thr = [j["throughput_steps_per_s"][g] / j["scale_factor"] for g in types[:3]]
+        extra = _extra(rng, thr, m - 3) if distinct else [v / j["scale_factor"] for v in synth[k]]
+        tenants.append({"name": f"t{i}", "throughput": dict(zip(types, thr + extra)),
+                        "weight": float(rng.choice([1, 2, 4])),
+                        "max_gpus": float(rng.integers(1, 9)) if caps and rng.random() < 0.3 else None})
+    share = rng.dirichlet(np.ones(m) * 2)
+    gpus = {g: max(1, int(round(gpus_per_tenant * n * s))) for g, s in zip(types, share)}
+    return oef.Problem.build(gpus, tenants, prices)
+
+
+def solve_times(quick: bool) -> list[dict]:
+    rows = []
+    sizes = [(10, 3, False), (10, 8, False), (100, 3, False), (100, 8, False), (1000, 3, False),
+             (1000, 8, False), (100, 8, True)]
+    for n, m, distinct in track(sizes, description="solve times"):
+        p = instance(np.random.default_rng(n * 10 + m), n, m, distinct=distinct)
+        for mode, f in MODES.items():
+            if mode == "partial-allocation" and n > 10:
+                continue     # n+1 Nash-welfare solves, each a series of LPs
+            t0 = time.perf_counter()
+            a = f(p)
+            rows.append({"tenants": n, "gpu_types": m, "mode": mode, "seconds": time.perf_counter() - t0,
+                         "efficiency": oef.efficiency(p, a.x), "distinct_profiles": len(oef._groups(p)[1]),
+                         "all_distinct": distinct})
+    return rows
+
+
+def gains(quick: bool) -> dict:
+    prices = catalogue_prices()
+    runs = 20 if quick else 100
+    per_mode: dict[str, list[float]] = {}
+    vs_lp: dict[str, list[float]] = {}
+    rng = np.random.default_rng(42)
+    for _ in track(range(runs), description="efficiency vs max-min"):
+        n = int(rng.choice([4, 8, 16, 32]))
+        p = instance(rng, n, 3, gpus_per_tenant=float(rng.uniform(0.5, 4)), caps=bool(rng.random() < 0.5),
+                     prices=prices)
+        ref = oef.efficiency(p, MODES["max-min"](p).x)
+        ref_lp = oef.efficiency(p, max_min_perf(p, tie_break=False).x)
+        for mode, f in MODES.items():
+            if mode == "partial-allocation" and n > 16:
+                continue
+            eff = oef.efficiency(p, f(p).x)
+            per_mode.setdefault(mode, []).append(100 * (eff / ref - 1))
+            vs_lp.setdefault(mode, []).append(100 * (eff / ref_lp - 1))
+        uniform = oef.noncooperative(oef.Problem(p.gpu_types, p.capacity, p.tenants, p.weights,
+                                                 p.throughput, p.caps))
+        per_mode.setdefault("noncooperative (1:1)", []).append(100 * (oef.efficiency(p, uniform.x) / ref - 1))
+    summary = lambda d: {k: {"mean": statistics.fmean(v), "best": max(v), "worst": min(v), "n": len(v)}  # noqa: E731
+                         for k, v in d.items()}
+    return {"prices": prices, "instances": runs, "gain_pct": summary(per_mode),
+            "gain_pct_vs_untiebroken_max_min": summary(vs_lp)}
+
+
+def plot(times: list[dict], eff: dict, path: pathlib.Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for mode in MODES:
+        for m, style in ((3, "-o"), (8, "--s")):
+            pts = [(r["tenants"], r["seconds"]) for r in times
+                   if r["mode"] == mode and r["gpu_types"] == m and not r["all_distinct"]]
+            if pts:
+                a.plot(*zip(*pts), style, label=f"{mode}, {m} types")
+    a.set(xscale="log", yscale="log", xlabel="tenants", ylabel="solve time (s)", title="Solve time")
+    a.legend(fontsize=6)
+    names = list(eff["gain_pct"])
+    b.bar(names, [eff["gain_pct"][k]["mean"] for k in names], label="mean")
+    b.scatter(names, [eff["gain_pct"][k]["best"] for k in names], color="k", zorder=3, label="best")
+    b.axhline(0, color="grey", lw=0.8)
+    b.set(ylabel="efficiency vs max-min (%)", title="Gain over max-min fairness with performance")
+    b.tick_params(axis="x", rotation=35, labelsize=7)
+    b.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true", help="fewer instances, PA only at 10 tenants")
+    args = ap.parse_args(argv)
+    times = solve_times(args.quick)
+    eff = gains(args.quick)
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "allocator.json").write_text(json.dumps({"solve_times": times, "efficiency": eff}, indent=2))
+    plot(times, eff, OUT / "allocator.png")
+    console = Console()
+    t = Table(title="Solve time (s)")
+    for c in ("tenants", "types", "distinct", *MODES):
+        t.add_column(c, justify="right")
+    for n, m, d in sorted({(r["tenants"], r["gpu_types"], r["all_distinct"]) for r in times}):
+        rs = {r["mode"]: r for r in times if (r["tenants"], r["gpu_types"], r["all_distinct"]) == (n, m, d)}
+        t.add_row(str(n), str(m), str(next(iter(rs.values()))["distinct_profiles"]),
+                  *[f"{rs[k]['seconds']:.3f}" if k in rs else "-" for k in MODES])
+    console.print(t)
+    for key, what in (("gain_pct", "max-min with performance, efficiency tie-break"),
+                      ("gain_pct_vs_untiebroken_max_min", "max-min with performance, first LP vertex (Gavel-like)")):
+        g = Table(title=f"Efficiency gain vs {what}, {eff['instances']} Gavel instances (%)")
+        for c in ("mode", "mean", "best", "worst", "instances"):
+            g.add_column(c, justify="right")
+        for k, v in eff[key].items():
+            g.add_row(k, f"{v['mean']:+.2f}", f"{v['best']:+.2f}", f"{v['worst']:+.2f}", str(v["n"]))
+        console.print(g)
+    console.print(f"wrote {OUT / 'allocator.json'} and {OUT / 'allocator.png'}")
+
+
+if __name__ == "__main__":
+    main()
