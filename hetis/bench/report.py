@@ -118,3 +118,29 @@ def plot(result: dict, path: str, title: str | None = None) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plot_compare(results: dict[str, dict], path: str, title: str = "") -> None:
+    """Several runs side by side: output throughput bars and TTFT / TPOT / E2EL CDFs."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4.5))
+    names = list(results)
+    bars = axes[0].bar(names, [results[n]["output_throughput"] for n in names],
+                       color=[f"C{i}" for i in range(len(names))])
+    axes[0].bar_label(bars, fmt="%.1f")
+    axes[0].set(ylabel="output tokens/s", title="Output throughput")
+    for ax, key, label in [(axes[1], "ttft_ms", "TTFT"), (axes[2], "tpot_ms", "TPOT"),
+                           (axes[3], "e2el_ms", "End-to-end latency")]:
+        for n in names:
+            rows = [r for r in results[n]["requests"] if r["success"] and r[key] is not None]
+            _cdf(ax, [r[key] for r in rows], n)
+        ax.set(xlabel="ms", ylabel="fraction of requests", title=f"{label} CDF")
+        ax.grid(alpha=.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,185 @@
+"""`make bench`: the serving benchmarks on one fixed workload, results in bench/results/.
+
+    .venv/bin/python -m bench.run_all [--quick] [--threads T] [--mesh-threads T]
+
+Workload: 64 requests, prompts of 64-512 tokens (uniform), 128 output tokens each,
+ignore_eos, all sent at t=0 (--quick: 16 requests, 32 output tokens).
+
+1. engine_vs_hf: the in-process engine (hetis.LLM, bfloat16, --threads) against
+   transformers generate (float32, static batches of 8, same threads) on the same
+   requests: Hetis output tok/s / HF output tok/s.
+2. mesh_vs_engine: a local mesh (private Redis, two attention workers, a dense
+   worker, the router; bfloat16, policy hetis, --mesh-threads torch threads per
+   service) against the in-process engine (bfloat16, --mesh-threads threads):
+   mesh output tok/s / engine output tok/s.
+3. step_vs_matmul: ``bench.step_vs_matmul.main(out_dir)``.
+
+Writes engine_vs_hf.{json,png}, mesh_vs_engine.{json,png} and summary.json.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import pathlib
+import sys
+import tempfile
+import time
+import traceback
+from datetime import datetime, timezone
+from types import SimpleNamespace
+
+OUT = pathlib.Path(__file__).resolve().parent / "results"
+
+
+def workload_flags(quick: bool) -> list[str]:
+    n, out_len = (16, 32) if quick else (64, 128)
+    return ["--num-prompts", str(n), "--input-len-min", "64", "--input-len-max", "512",
+            "--random-output-len", str(out_len), "--ignore-eos", "--seed", "0"]
+
+
+def bench(argv: list[str]) -> dict:
+    """One ``hetis bench`` run, parsed and run exactly as the CLI would."""
+    from hetis.bench.runner import run
+    from hetis.cli import build_parser
+    args = build_parser().parse_args(["bench", *argv])
+    print(f"\n$ hetis bench {' '.join(argv)}", flush=True)
+    return run(args, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+
+
+def start_mesh(threads: int, log_dir: str, attn_workers: int = 2):
+    """(redis, cluster, router address): ``hetis up``'s machinery, bfloat16, policy hetis."""
+    from hetis.redisproc import RedisProcess, free_port
+    from hetis.up import LOCAL_HOST, LocalCluster, service_commands
+    redis = RedisProcess()
+    ns = SimpleNamespace(attn_workers=attn_workers, port=free_port(), redis_url=redis.url,
+                         model=None, dtype="bfloat16", policy="hetis", threads=threads)
+    cluster = LocalCluster(service_commands(ns), log_dir)
+    try:
+        cluster.start()
+        router = f"{LOCAL_HOST}:{ns.port}"
+        cluster.wait_ready(router, attn_workers, timeout=300, progress=print)
+    except BaseException:
+        cluster.stop()
+        redis.stop()
+        raise
+    return redis, cluster, router
+
+
+def engine_vs_hf(out_dir: pathlib.Path, quick: bool, threads: int) -> dict:
+    return bench(["--engine", "local", "--dtype", "bfloat16", "--threads", str(threads),
+                  *workload_flags(quick), "--baseline", "hf", "--baseline-batch", "8",
+                  "--out", str(out_dir / "engine_vs_hf.json"),
+                  "--plot", str(out_dir / "engine_vs_hf.png")])
+
+
+def mesh_vs_engine(out_dir: pathlib.Path, quick: bool, threads: int,
+                   engine: dict | None) -> dict:
+    """The mesh, then (unless ``engine`` was measured with the same threads) the engine."""
+    log_dir = tempfile.mkdtemp(prefix="hetis-bench-mesh-")
+    print(f"\nstarting the mesh (2 attention workers, bfloat16, {threads} thread(s) per "
+          f"service; logs in {log_dir})", flush=True)
+    redis, cluster, router = start_mesh(threads, log_dir)
+    try:
+        mesh = bench(["--target", router, "--threads", str(threads), *workload_flags(quick)])
+    finally:
+        cluster.stop()
+        redis.stop()
+    if engine is None or engine["threads"] != threads:
+        engine = bench(["--engine", "local", "--dtype", "bfloat16", "--threads", str(threads),
+                        *workload_flags(quick)])
+    engine = {k: v for k, v in engine.items() if k not in ("baseline", "speedup_vs_baseline")}
+    res = {"mesh": mesh, "engine": engine, "threads_per_process": threads,
+           "mesh_vs_engine": mesh["output_throughput"] / max(engine["output_throughput"], 1e-12)}
+    from hetis.bench.report import plot_compare, write_json
+    write_json(res, str(out_dir / "mesh_vs_engine.json"))
+    plot_compare({"mesh (2 attention workers)": mesh, "in-process engine": engine},
+                 str(out_dir / "mesh_vs_engine.png"),
+                 title=f"mesh vs in-process engine: bfloat16, {mesh['num_prompts']} requests, "
+                       f"{threads} torch thread(s) per process")
+    return res
+
+
+def step_vs_matmul(out_dir: pathlib.Path) -> dict:
+    try:
+        mod = importlib.import_module("bench.step_vs_matmul")
+    except ModuleNotFoundError as e:
+        if e.name not in ("bench.step_vs_matmul", "bench"):
+            raise
+        raise RuntimeError("bench/step_vs_matmul.py is not there yet; skipped") from None
+    if not hasattr(mod, "main"):
+        raise RuntimeError("bench/step_vs_matmul.py has no main(out_dir); skipped")
+    return mod.main(out_dir)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.run_all", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="16 requests of 32 output tokens")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                    help="torch threads of the engine and the HF baseline (default: all cores)")
+    ap.add_argument("--mesh-threads", type=int, default=1,
+                    help="torch threads per process in mesh_vs_engine (each mesh service and "
+                    "the engine it is compared with; default %(default)s)")
+    ap.add_argument("--out-dir", default=str(OUT), help="default %(default)s")
+    ap.add_argument("--only", nargs="+", choices=["engine_vs_hf", "mesh_vs_engine",
+                                                  "step_vs_matmul"], default=None,
+                    help="run only these parts")
+    args = ap.parse_args(argv)
+    out_dir = pathlib.Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    parts = args.only or ["engine_vs_hf", "mesh_vs_engine", "step_vs_matmul"]
+    n, out_len = (16, 32) if args.quick else (64, 128)
+    summary = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+               "quick": args.quick, "threads": args.threads, "mesh_threads": args.mesh_threads,
+               "workload": {"num_prompts": n, "input_len": [64, 512], "output_len": out_len,
+                            "ignore_eos": True, "request_rate": "inf", "seed": 0},
+               "engine_vs_hf": None, "mesh_vs_engine": None, "step_vs_matmul": None,
+               "throughputs": {}, "errors": {}}
+    th = summary["throughputs"]
+    failed = False
+    engine = None
+    t0 = time.perf_counter()
+    if "engine_vs_hf" in parts:
+        try:
+            r = engine_vs_hf(out_dir, args.quick, args.threads)
+            engine = r
+            summary["engine_vs_hf"] = r["speedup_vs_baseline"]
+            th["engine_bf16_output_tok_s"] = r["output_throughput"]
+            th["hf_f32_batch8_output_tok_s"] = r["baseline"]["output_throughput"]
+        except Exception as e:  # noqa: BLE001 - the other parts still run
+            failed = True
+            summary["errors"]["engine_vs_hf"] = f"{type(e).__name__}: {e}"
+            traceback.print_exc()
+    if "mesh_vs_engine" in parts:
+        try:
+            r = mesh_vs_engine(out_dir, args.quick, args.mesh_threads, engine)
+            summary["mesh_vs_engine"] = r["mesh_vs_engine"]
+            th["mesh_bf16_output_tok_s"] = r["mesh"]["output_throughput"]
+            th["engine_bf16_output_tok_s_at_mesh_threads"] = r["engine"]["output_throughput"]
+        except Exception as e:  # noqa: BLE001
+            failed = True
+            summary["errors"]["mesh_vs_engine"] = f"{type(e).__name__}: {e}"
+            traceback.print_exc()
+    if "step_vs_matmul" in parts:
+        try:
+            summary["step_vs_matmul"] = step_vs_matmul(out_dir)
+        except RuntimeError as e:
+            summary["errors"]["step_vs_matmul"] = str(e)
+            print(f"step_vs_matmul: {e}", file=sys.stderr)
+        except Exception as e:  # noqa: BLE001
+            failed = True
+            summary["errors"]["step_vs_matmul"] = f"{type(e).__name__}: {e}"
+            traceback.print_exc()
+    summary["wall_s"] = time.perf_counter() - t0
+    with open(out_dir / "summary.json", "w") as f:
+        json.dump(summary, f, indent=2)
+    print(f"\nsummary ({out_dir / 'summary.json'}):")
+    print(json.dumps({k: summary[k] for k in ("engine_vs_hf", "mesh_vs_engine", "step_vs_matmul",
+                                              "throughputs", "errors")}, indent=2))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
