@@ -119,6 +119,46 @@ def test_arrivals():
         arrival_offsets(3, 1.0, 0.0)
 
 
+class _FakeTarget:
+    """Streams ``output_len`` one-token pieces: the first after 50 ms, then every 20 ms."""
+
+    def __init__(self):
+        import threading
+        self.lock, self.in_flight, self.peak = threading.Lock(), 0, 0
+
+    def stream(self, request_id, prompt_token_ids, output_len):
+        import time
+        with self.lock:
+            self.in_flight += 1
+            self.peak = max(self.peak, self.in_flight)
+        try:
+            time.sleep(0.05)
+            yield 1
+            for _ in range(output_len - 1):
+                time.sleep(0.02)
+                yield 1
+        finally:
+            with self.lock:
+                self.in_flight -= 1
+
+
+def test_runner_times_streams_and_limits_concurrency():
+    from hetis.bench.runner import run_requests
+    from hetis.bench.workloads import BenchRequest
+    reqs = [BenchRequest([5] * 8, 4) for _ in range(6)]
+    target = _FakeTarget()
+    results, duration = run_requests(target, reqs, max_concurrency=2, progress=False)
+    assert target.peak == 2 and all(r.success and r.output_tokens == 4 for r in results)
+    m = compute_metrics(results, duration)
+    assert 45 < m["median_ttft_ms"] < 90 and 18 < m["median_itl_ms"] < 40
+    assert 18 < m["median_tpot_ms"] < 40
+    assert duration > 3 * 0.11               # three waves of two requests of ~110 ms
+    results, _ = run_requests(_FakeTarget(), reqs[:3], request_rate=20.0, progress=False, seed=1)
+    sends = sorted(r.send_time for r in results)
+    expected = arrival_offsets(3, 20.0, 1.0, np.random.default_rng([1, 1]))
+    assert sends == pytest.approx(list(expected), abs=0.02)
+
+
 # ---------------------------------------------------------------- real runs
 def test_cli_local_engine(tmp_path, capsys):
     from hetis.cli import main
