@@ -46,14 +46,23 @@ class _Prefill:
 
 
 @dataclass
+class _Decode:
+    """A bucket of decode items of similar context length, padded to its longest."""
+    rows: torch.Tensor | None   # packed rows (None: all rows, in order)
+    tables: torch.Tensor        # [Nd, B]
+    mask: torch.Tensor          # [Nd, 1, 1, B * block_size] True where attended
+    buf: tuple | None = None    # preallocated gather outputs, reused by every layer
+
+
+@dataclass
 class StepLayout:
     """Index tensors for one step on one backend, derived from its items."""
     num_rows: int
     slots: torch.Tensor                    # [P] flat cache slot of each packed row
-    dec_rows: torch.Tensor | None = None   # [Nd] packed rows of decode items (None: all rows)
-    dec_tables: torch.Tensor | None = None  # [Nd, B]
-    dec_mask: torch.Tensor | None = None   # [Nd, 1, 1, B * block_size] True where attended
+    decodes: list[_Decode] = field(default_factory=list)
     prefills: list[_Prefill] = field(default_factory=list)
+
+    MAX_BUCKETS = 4  # decode items sorted by context and split so padding stays small
 
     @classmethod
     def build(cls, items: list[AttnItem], block_size: int, device="cpu") -> "StepLayout":
@@ -71,12 +80,17 @@ class StepLayout:
         dec = (n_new == 1).nonzero().flatten()
         if len(dec):
             ctx = starts[dec] + 1
-            nb = cdiv(int(ctx.max()), block_size)
-            lay.dec_tables = tables[dec, :nb].to(device)
-            keep = torch.arange(nb * block_size)[None, :] < ctx[:, None]
-            lay.dec_mask = keep[:, None, None, :].to(device)
-            if len(dec) < len(items):
-                lay.dec_rows = row_base[dec].to(device)
+            nbuckets = min(cls.MAX_BUCKETS, cdiv(len(dec), 16))
+            if nbuckets > 1:
+                order = torch.argsort(ctx)
+                dec, ctx = dec[order], ctx[order]
+            for part, c in zip(torch.tensor_split(dec, nbuckets), torch.tensor_split(ctx, nbuckets)):
+                nb = cdiv(int(c.max()), block_size)
+                keep = torch.arange(nb * block_size)[None, :] < c[:, None]
+                whole = nbuckets == 1 and len(dec) == len(items)
+                lay.decodes.append(_Decode(None if whole else row_base[part].to(device),
+                                           tables[part, :nb].to(device),
+                                           keep[:, None, None, :].to(device)))
         # prefill chunks, grouped by sequence (consecutive items of one sequence)
         i = 0
         while i < len(items):
@@ -108,22 +122,30 @@ class AttentionBackend:
         self.layout = StepLayout(0, torch.empty(0, dtype=torch.long))
 
     def begin_step(self, items: list[AttnItem]) -> None:
-        self.layout = StepLayout.build(items, self.block_size, self.device)
+        self.layout = lay = StepLayout.build(items, self.block_size, self.device)
+        k = self.store.k
+        for d in lay.decodes:
+            n, b = d.tables.shape
+            shape = (n, b * self.block_size, self.head_dim)
+            d.buf = (torch.empty(shape, dtype=k.dtype, device=k.device),
+                     torch.empty(shape, dtype=k.dtype, device=k.device))
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q [P, qpg, D], k and v [P, D] -> attention output [P, qpg, D]."""
+        """q [P, qpg, D], k and v [P, D] -> attention output [P, qpg, D], in the cache's dtype."""
         lay, st = self.layout, self.store
+        dt = st.k.dtype
+        q, k, v = q.to(dt), k.to(dt), v.to(dt)
         st.write(layer, lay.slots, k, v)
         out = torch.empty_like(q)
-        if lay.dec_tables is not None:
-            qd = q if lay.dec_rows is None else q[lay.dec_rows]
-            kc, vc = st.gather(layer, lay.dec_tables)
+        for d in lay.decodes:
+            qd = q if d.rows is None else q[d.rows]
+            kc, vc = st.gather(layer, d.tables, d.buf)
             o = F.scaled_dot_product_attention(qd.unsqueeze(1), kc.unsqueeze(1), vc.unsqueeze(1),
-                                               attn_mask=lay.dec_mask).squeeze(1)
-            if lay.dec_rows is None:
+                                               attn_mask=d.mask).squeeze(1)
+            if d.rows is None:
                 out = o
             else:
-                out[lay.dec_rows] = o
+                out[d.rows] = o
         for p in lay.prefills:
             ctx = p.start + p.num_new
             kc, vc = st.gather(layer, p.tables)

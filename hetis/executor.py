@@ -120,12 +120,12 @@ class Executor:
                 else:
                     ta = time.perf_counter()
                     out[ix.rows, ix.grp] = be.attend(layer, q4[ix.rows, ix.grp], k[ix.rows, ix.grp],
-                                                     v[ix.rows, ix.grp])
+                                                     v[ix.rows, ix.grp]).to(out.dtype)
                     times.local_attn += time.perf_counter() - ta
             for b in pending:
                 ix = index[b]
                 tw = time.perf_counter()
-                out[ix.rows, ix.grp] = self.backends[b].recv(layer)
+                out[ix.rows, ix.grp] = self.backends[b].recv(layer).to(out.dtype)
                 times.exchange_wait += time.perf_counter() - tw
             return out.view(T, G * qpg, D)
 

@@ -97,12 +97,22 @@ class KVStore:
         self.k_flat[layer].index_copy_(0, slots, k)
         self.v_flat[layer].index_copy_(0, slots, v)
 
-    def gather(self, layer: int, tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """K, V for block tables [N, B] -> [N, B * block_size, D] each."""
+    def gather(self, layer: int, tables: torch.Tensor, out: tuple | None = None):
+        """K, V for block tables [N, B] -> [N, B * block_size, D] each.
+
+        ``out`` (two tensors of that shape) avoids allocating, and page-faulting,
+        fresh multi-MB buffers on every layer.
+        """
         n, b = tables.shape
-        k = self.k[layer][tables].view(n, b * self.block_size, -1)
-        v = self.v[layer][tables].view(n, b * self.block_size, -1)
-        return k, v
+        idx = tables.reshape(-1)
+        blocks = (n * b, self.block_size, self.k.shape[-1])
+        if out is None:
+            k = self.k[layer].index_select(0, idx)
+            v = self.v[layer].index_select(0, idx)
+        else:
+            k = torch.index_select(self.k[layer], 0, idx, out=out[0].view(blocks))
+            v = torch.index_select(self.v[layer], 0, idx, out=out[1].view(blocks))
+        return k.view(n, b * self.block_size, -1), v.view(n, b * self.block_size, -1)
 
     def export(self, blocks: list[int], num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One (sequence, group)'s cache as dense [layers, num_tokens, D] tensors."""

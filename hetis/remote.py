@@ -70,7 +70,7 @@ class RemoteAttention:
         self.rows = sum(it.num_new for it in items)
 
     def send(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        self._isend(torch.cat([q.reshape(self.rows, -1), k, v], dim=1))
+        self._isend(torch.cat([q.reshape(self.rows, -1), k, v], dim=1).to(self.dtype))
 
     def recv(self, layer: int) -> torch.Tensor:
         out = torch.empty(self.rows, self.qpg, self.D, dtype=self.dtype, device=self.comm_device)
