@@ -1,16 +1,16 @@
 """`make bench`: the serving benchmarks on one fixed workload, results in bench/results/.
 
-    .venv/bin/python -m bench.run_all [--quick] [--threads T] [--mesh-threads T]
+    .venv/bin/python -m bench.run_all [--quick] [--dtype D] [--threads T] [--mesh-threads T]
 
 Workload: 64 requests, prompts of 64-512 tokens (uniform), 128 output tokens each,
 ignore_eos, all sent at t=0 (--quick: 16 requests, 32 output tokens).
 
-1. engine_vs_hf: the in-process engine (hetis.LLM, bfloat16, --threads) against
-   transformers generate (float32, static batches of 8, same threads) on the same
+1. engine_vs_hf: the in-process engine (hetis.LLM, --dtype: bfloat16 by default,
+   --threads) against transformers generate (float32, static batches of 8, same threads) on the same
    requests: Hetis output tok/s / HF output tok/s.
 2. mesh_vs_engine: a local mesh (private Redis, two attention workers, a dense
-   worker, the router; bfloat16, policy hetis, --mesh-threads torch threads per
-   service) against the in-process engine (bfloat16, --mesh-threads threads):
+   worker, the router; same dtype, policy hetis, --mesh-threads torch threads per
+   service) against the in-process engine (same dtype and threads per process):
    mesh output tok/s / engine output tok/s.
 3. step_vs_matmul: ``bench.step_vs_matmul.main(out_dir)``.
 
@@ -48,13 +48,13 @@ def bench(argv: list[str]) -> dict:
     return run(args, log=lambda msg: print(msg, file=sys.stderr, flush=True))
 
 
-def start_mesh(threads: int, log_dir: str, attn_workers: int = 2):
-    """(redis, cluster, router address): ``hetis up``'s machinery, bfloat16, policy hetis."""
+def start_mesh(threads: int, log_dir: str, dtype: str = "bfloat16", attn_workers: int = 2):
+    """(redis, cluster, router address): ``hetis up``'s machinery, policy hetis."""
     from hetis.redisproc import RedisProcess, free_port
     from hetis.up import LOCAL_HOST, LocalCluster, service_commands
     redis = RedisProcess()
     ns = SimpleNamespace(attn_workers=attn_workers, port=free_port(), redis_url=redis.url,
-                         model=None, dtype="bfloat16", policy="hetis", threads=threads)
+                         model=None, dtype=dtype, policy="hetis", threads=threads)
     cluster = LocalCluster(service_commands(ns), log_dir)
     try:
         cluster.start()
@@ -67,27 +67,27 @@ def start_mesh(threads: int, log_dir: str, attn_workers: int = 2):
     return redis, cluster, router
 
 
-def engine_vs_hf(out_dir: pathlib.Path, quick: bool, threads: int) -> dict:
-    return bench(["--engine", "local", "--dtype", "bfloat16", "--threads", str(threads),
+def engine_vs_hf(out_dir: pathlib.Path, quick: bool, threads: int, dtype: str) -> dict:
+    return bench(["--engine", "local", "--dtype", dtype, "--threads", str(threads),
                   *workload_flags(quick), "--baseline", "hf", "--baseline-batch", "8",
                   "--out", str(out_dir / "engine_vs_hf.json"),
                   "--plot", str(out_dir / "engine_vs_hf.png")])
 
 
-def mesh_vs_engine(out_dir: pathlib.Path, quick: bool, threads: int,
+def mesh_vs_engine(out_dir: pathlib.Path, quick: bool, threads: int, dtype: str,
                    engine: dict | None) -> dict:
     """The mesh, then (unless ``engine`` was measured with the same threads) the engine."""
     log_dir = tempfile.mkdtemp(prefix="hetis-bench-mesh-")
-    print(f"\nstarting the mesh (2 attention workers, bfloat16, {threads} thread(s) per "
+    print(f"\nstarting the mesh (2 attention workers, {dtype}, {threads} thread(s) per "
           f"service; logs in {log_dir})", flush=True)
-    redis, cluster, router = start_mesh(threads, log_dir)
+    redis, cluster, router = start_mesh(threads, log_dir, dtype)
     try:
         mesh = bench(["--target", router, "--threads", str(threads), *workload_flags(quick)])
     finally:
         cluster.stop()
         redis.stop()
-    if engine is None or engine["threads"] != threads:
-        engine = bench(["--engine", "local", "--dtype", "bfloat16", "--threads", str(threads),
+    if engine is None or engine["threads"] != threads or engine["dtype"] != dtype:
+        engine = bench(["--engine", "local", "--dtype", dtype, "--threads", str(threads),
                         *workload_flags(quick)])
     engine = {k: v for k, v in engine.items() if k not in ("baseline", "speedup_vs_baseline")}
     res = {"mesh": mesh, "engine": engine, "threads_per_process": threads,
@@ -96,7 +96,7 @@ def mesh_vs_engine(out_dir: pathlib.Path, quick: bool, threads: int,
     write_json(res, str(out_dir / "mesh_vs_engine.json"))
     plot_compare({"mesh (2 attention workers)": mesh, "in-process engine": engine},
                  str(out_dir / "mesh_vs_engine.png"),
-                 title=f"mesh vs in-process engine: bfloat16, {mesh['num_prompts']} requests, "
+                 title=f"mesh vs in-process engine: {dtype}, {mesh['num_prompts']} requests, "
                        f"{threads} torch thread(s) per process")
     return res
 
@@ -122,6 +122,9 @@ def main(argv=None) -> int:
     ap.add_argument("--mesh-threads", type=int, default=1,
                     help="torch threads per process in mesh_vs_engine (each mesh service and "
                     "the engine it is compared with; default %(default)s)")
+    ap.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                    help="the engine's and the mesh's dtype (default %(default)s; the HF "
+                    "baseline is float32 either way)")
     ap.add_argument("--out-dir", default=str(OUT), help="default %(default)s")
     ap.add_argument("--only", nargs="+", choices=["engine_vs_hf", "mesh_vs_engine",
                                                   "step_vs_matmul"], default=None,
@@ -132,7 +135,7 @@ def main(argv=None) -> int:
     parts = args.only or ["engine_vs_hf", "mesh_vs_engine", "step_vs_matmul"]
     n, out_len = (16, 32) if args.quick else (64, 128)
     summary = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-               "quick": args.quick, "threads": args.threads, "mesh_threads": args.mesh_threads,
+               "quick": args.quick, "dtype": args.dtype, "threads": args.threads, "mesh_threads": args.mesh_threads,
                "workload": {"num_prompts": n, "input_len": [64, 512], "output_len": out_len,
                             "ignore_eos": True, "request_rate": "inf", "seed": 0},
                "engine_vs_hf": None, "mesh_vs_engine": None, "step_vs_matmul": None,
@@ -143,10 +146,10 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     if "engine_vs_hf" in parts:
         try:
-            r = engine_vs_hf(out_dir, args.quick, args.threads)
+            r = engine_vs_hf(out_dir, args.quick, args.threads, args.dtype)
             engine = r
             summary["engine_vs_hf"] = r["speedup_vs_baseline"]
-            th["engine_bf16_output_tok_s"] = r["output_throughput"]
+            th["engine_output_tok_s"] = r["output_throughput"]
             th["hf_f32_batch8_output_tok_s"] = r["baseline"]["output_throughput"]
         except Exception as e:  # noqa: BLE001 - the other parts still run
             failed = True
@@ -154,10 +157,10 @@ def main(argv=None) -> int:
             traceback.print_exc()
     if "mesh_vs_engine" in parts:
         try:
-            r = mesh_vs_engine(out_dir, args.quick, args.mesh_threads, engine)
+            r = mesh_vs_engine(out_dir, args.quick, args.mesh_threads, args.dtype, engine)
             summary["mesh_vs_engine"] = r["mesh_vs_engine"]
-            th["mesh_bf16_output_tok_s"] = r["mesh"]["output_throughput"]
-            th["engine_bf16_output_tok_s_at_mesh_threads"] = r["engine"]["output_throughput"]
+            th["mesh_output_tok_s"] = r["mesh"]["output_throughput"]
+            th["engine_output_tok_s_at_mesh_threads"] = r["engine"]["output_throughput"]
         except Exception as e:  # noqa: BLE001
             failed = True
             summary["errors"]["mesh_vs_engine"] = f"{type(e).__name__}: {e}"
