@@ -89,7 +89,11 @@ def test_hugging_face_directory_loads_identically(tmp_path, llm, prompts, hf_tok
 
 def test_bfloat16_runs_and_tracks_float32(llm, prompts):
     bf = LLM(dtype="bfloat16")
-    assert bf.engine.executor.model.embed.dtype == torch.bfloat16
+    model = bf.engine.executor.model
+    w = model.layers[0]["qkv"]
+    assert model.dtype == torch.bfloat16
+    assert torch.equal(w, w.to(torch.bfloat16).to(w.dtype))  # weights carry bf16's precision
+    assert bf.engine.executor.backends[0].store.k.dtype == torch.bfloat16  # and so does the KV cache
     out = bf.generate({"prompt_token_ids": prompts[0]}, SamplingParams(temperature=0, max_tokens=8))[0]
     ref = llm.generate({"prompt_token_ids": prompts[0]}, SamplingParams(temperature=0, max_tokens=8))[0]
     assert out.token_ids[:2] == ref.token_ids[:2]  # bf16 rounding may diverge later, not at once
