@@ -204,3 +204,14 @@ def test_baseline_hf_fields(tmp_path, monkeypatch, hf_model):
     assert b["name"] == "hf-transformers" and b["total_output_tokens"] == 6 == d["total_output_tokens"]
     assert b["output_throughput"] > 0 and b["num_batches"] == 1 and d["ignore_eos"] is True
     assert d["speedup_vs_baseline"] == pytest.approx(d["output_throughput"] / b["output_throughput"])
+
+
+def test_every_bench_flag_is_documented():
+    import pathlib
+
+    from hetis.cli import build_parser
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    flags = {o for a in sub.choices["bench"]._actions for o in a.option_strings} - {"-h", "--help"}
+    doc = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text()
+    section = doc[doc.index("### `hetis bench`"):doc.index("### `hetis allocate`")]
+    assert not [f for f in sorted(flags) if f"`{f}" not in section]
