@@ -61,6 +61,10 @@ def test_tokens_identical_to_llm_and_transformers(cluster, expected):
     ids, ref = expected
     got = [run(cluster.stub, p)[0] for p in ids]
     assert got == ref
+    b = cluster.stub.GetClusterStatus(pb.ClusterStatusRequest(), timeout=10).steps
+    assert b.steps >= 3 * N_TOK // 2 and b.step_call_s >= b.dense_worker_s > b.dense_compute_s > 0
+    if cluster.n_attn:
+        assert b.exchange_wait_s > 0
 
 
 def test_head_groups_resident_on_attention_workers(cluster, llm):

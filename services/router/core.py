@@ -31,6 +31,7 @@ SUCCESS = Counter("hetis:request_success_total", "finished requests", ["finished
 PREEMPTIONS = Counter("hetis:num_preemptions_total", "preemptions by recompute")
 TTFT = Histogram("hetis:time_to_first_token_seconds", "time to first token",
                  buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
+STEP_TIME = Counter("hetis:step_seconds_total", "router step time by part", ["part"])
 E2E = Histogram("hetis:e2e_request_latency_seconds", "request latency",
                 buckets=(.1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120))
 
@@ -44,11 +45,6 @@ class StepStats:
     dense_s: float = 0.0
     local_attn_s: float = 0.0
     exchange_wait_s: float = 0.0
-
-    def as_dict(self) -> dict:
-        d = dict(self.__dict__)
-        d["grpc_overhead_s"] = self.rpc_s - self.dense_total_s
-        return d
 
 
 class RemoteExecutor:
@@ -84,6 +80,10 @@ class RemoteExecutor:
         s.dense_s += t.dense_s
         s.local_attn_s += t.local_attn_s
         s.exchange_wait_s += t.exchange_wait_s
+        for part, v in (("step_call", time.perf_counter() - t0), ("dense_worker", t.total_s),
+                        ("dense_compute", t.dense_s), ("local_attn", t.local_attn_s),
+                        ("exchange_wait", t.exchange_wait_s)):
+            STEP_TIME.labels(part).inc(v)
         return list(resp.token_ids)
 
 

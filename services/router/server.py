@@ -146,8 +146,13 @@ class Generation(generation_pb2_grpc.GenerationServicer):
             ctx.abort(grpc.StatusCode.UNAVAILABLE, "cluster state busy; retry")
         loads = d.predicted_times(tokens, groups)
         workers = {w["id"]: w for w in read_workers(self.redis)}
+        ss = eng.executor.stats
         st = pb.ClusterStatus(policy=d.policy, waiting=len(eng.scheduler.waiting),
-                              running=len(eng.scheduler.running), model=self.model_name)
+                              running=len(eng.scheduler.running), model=self.model_name,
+                              steps=pb.StepBreakdown(
+                                  steps=ss.steps, step_call_s=ss.rpc_s, dense_worker_s=ss.dense_total_s,
+                                  dense_compute_s=ss.dense_s, local_attn_s=ss.local_attn_s,
+                                  exchange_wait_s=ss.exchange_wait_s))
         for i, wid in enumerate(self.device_ids):
             w = workers.get(wid, {})
             dev = d.devices[i]
