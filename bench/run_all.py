@@ -83,6 +83,7 @@ def mesh_vs_engine(out_dir: pathlib.Path, quick: bool, threads: int, dtype: str,
     redis, cluster, router = start_mesh(threads, log_dir, dtype)
     try:
         mesh = bench(["--target", router, "--threads", str(threads), *workload_flags(quick)])
+        mesh["step_breakdown"] = step_breakdown(router)
     finally:
         cluster.stop()
         redis.stop()
@@ -99,6 +100,24 @@ def mesh_vs_engine(out_dir: pathlib.Path, quick: bool, threads: int, dtype: str,
                  title=f"mesh vs in-process engine: {dtype}, {mesh['num_prompts']} requests, "
                        f"{threads} torch thread(s) per process")
     return res
+
+
+def step_breakdown(router: str) -> dict:
+    """Where the mesh's steps spent their time (ClusterStatus.steps), as seconds and shares."""
+    from hetis import Client
+    with Client(router) as c:
+        st = c.cluster_status()["steps"]
+    total = st["step_call_s"] or 1e-12
+    parts = {
+        "grpc_step_call_overhead_s": st["step_call_s"] - st["dense_worker_s"],
+        "dense_compute_s": st["dense_compute_s"],
+        "local_attention_s": st["local_attn_s"],
+        "tensor_exchange_wait_s": st["exchange_wait_s"],
+    }
+    out = {"steps": st["steps"], "step_call_s": st["step_call_s"], **parts}
+    out["shares"] = {k.replace("_s", ""): v / total for k, v in parts.items()}
+    print("mesh step time: " + ", ".join(f"{k} {v:.0%}" for k, v in out["shares"].items()), flush=True)
+    return out
 
 
 def step_vs_matmul(out_dir: pathlib.Path) -> dict:
@@ -161,13 +180,16 @@ def main(argv=None) -> int:
             summary["mesh_vs_engine"] = r["mesh_vs_engine"]
             th["mesh_output_tok_s"] = r["mesh"]["output_throughput"]
             th["engine_output_tok_s_at_mesh_threads"] = r["engine"]["output_throughput"]
+            summary["mesh_step_breakdown"] = r["mesh"].get("step_breakdown")
         except Exception as e:  # noqa: BLE001
             failed = True
             summary["errors"]["mesh_vs_engine"] = f"{type(e).__name__}: {e}"
             traceback.print_exc()
     if "step_vs_matmul" in parts:
         try:
-            summary["step_vs_matmul"] = step_vs_matmul(out_dir)
+            r = step_vs_matmul(out_dir)
+            summary["step_vs_matmul"] = r["step_vs_matmul"]
+            summary["step_vs_matmul_detail"] = {k: v for k, v in r.items() if k != "profile_last_step"}
         except RuntimeError as e:
             summary["errors"]["step_vs_matmul"] = str(e)
             print(f"step_vs_matmul: {e}", file=sys.stderr)

@@ -6,7 +6,7 @@ attention backends; the mesh router builds it with remote ones.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from hetis.config import EngineConfig
@@ -25,6 +25,7 @@ class StepOutput:
     new_token_ids: list[int]
     text_delta: str
     finished: bool
+    time: float = field(default_factory=time.monotonic)  # when the step produced it
 
 
 class Engine:

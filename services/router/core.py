@@ -138,7 +138,8 @@ class RouterCore:
             self.pending_adds += 1
             self.commands.put(cmd)
         self.wake.set()
-        cmd.done.result(timeout=60)  # re-raises the engine's validation error
+        # admission happens between steps; re-raises the engine's validation error
+        cmd.done.result(timeout=600)
         return cmd.out
 
     def abort(self, request_id: str) -> None:
