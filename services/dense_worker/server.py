@@ -154,7 +154,14 @@ class DenseWorker(worker_pb2_grpc.DenseWorkerServicer):
             self.generators.pop(s, None)
         with self.step_lock, torch.inference_mode():
             self.residency.update(items[0], freed)
-            toks = self.executor.execute(chunks, items, freed)
+            try:
+                toks = self.executor.execute(chunks, items, freed)
+            except (IndexError, ValueError) as e:  # a layout that does not fit this worker's cache
+                log.exception("step %d rejected", req.step_id)
+                ctx.abort(grpc.StatusCode.INVALID_ARGUMENT, f"step {req.step_id}: {e}")
+            except Exception as e:  # noqa: BLE001 - e.g. an attention worker went away
+                log.exception("step %d failed", req.step_id)
+                ctx.abort(grpc.StatusCode.INTERNAL, f"step {req.step_id} failed: {type(e).__name__}: {e}")
             t = self.executor.last_times
             self.steps += 1
         STEP_SECONDS.observe(t.total)
