@@ -218,3 +218,23 @@ def test_queue_limit_gives_resource_exhausted():
             assert run(stub, prompt="after the burst", sampling=greedy(2))[2] == "length"
     finally:
         c.stop()
+
+
+def test_dense_worker_rejects_a_bad_step_and_keeps_serving(cluster):
+    if cluster.n_attn != 0:
+        pytest.skip("one mesh is enough")
+    dense = next(c.address for c in cluster.local.children if c.name == "dense-0")
+    with grpc.insecure_channel(dense) as ch:
+        stub = worker_pb2_grpc.DenseWorkerStub(ch)
+        bad = worker_pb2.StepRequest(step_id=1)
+        bad.chunks.add(seq_id=10 ** 9, start=0, token_ids=[1, 2], sample=True, temperature=0)
+        bad.work.add(backend=7).items.add(seq_id=10 ** 9, group=0, start=0, num_new=2, blocks=[0])
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Step(bad, timeout=30)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "work.backend" in e.value.details()
+        empty = worker_pb2.StepRequest(step_id=2)
+        empty.chunks.add(seq_id=10 ** 9, start=0, sample=True)
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Step(empty, timeout=30)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "token_ids" in e.value.details()
+    assert run(cluster.stub, prompt="still here", sampling=greedy(2))[2] == "length"
