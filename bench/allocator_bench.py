@@ -79,7 +79,9 @@ def solve_times(quick: bool) -> list[dict]:
             a = f(p)
             rows.append({"tenants": n, "gpu_types": m, "mode": mode, "seconds": time.perf_counter() - t0,
                          "efficiency": oef.efficiency(p, a.x), "distinct_profiles": len(oef._groups(p)[1]),
-                         "all_distinct": distinct})
+                         "all_distinct": distinct, **({"stage": a.info["stage"],
+                                                       "fair_efficiency": a.info["fair_efficiency"]}
+                                                      if mode == "cooperative" else {})})
     return rows
 
 
@@ -88,6 +90,8 @@ def gains(quick: bool) -> dict:
     runs = 20 if quick else 100
     per_mode: dict[str, list[float]] = {}
     vs_lp: dict[str, list[float]] = {}
+    stages: dict[str, int] = {}
+    loss: list[float] = []
     rng = np.random.default_rng(42)
     for _ in track(range(runs), description="efficiency vs max-min"):
         n = int(rng.choice([4, 8, 16, 32]))
@@ -98,16 +102,25 @@ def gains(quick: bool) -> dict:
         for mode, f in MODES.items():
             if mode == "partial-allocation" and n > 16:
                 continue
-            eff = oef.efficiency(p, f(p).x)
+            a = f(p)
+            eff = oef.efficiency(p, a.x)
             per_mode.setdefault(mode, []).append(100 * (eff / ref - 1))
             vs_lp.setdefault(mode, []).append(100 * (eff / ref_lp - 1))
+            if mode == "cooperative":   # stage 1 alone: the SI+EF optimum, Pareto efficient or not
+                fair = a.info["fair_efficiency"]
+                stages[a.info["stage"]] = stages.get(a.info["stage"], 0) + 1
+                loss.append(100 * (1 - eff / fair))
+                per_mode.setdefault("cooperative stage 1 (SI+EF, not PE)", []).append(100 * (fair / ref - 1))
+                vs_lp.setdefault("cooperative stage 1 (SI+EF, not PE)", []).append(100 * (fair / ref_lp - 1))
         uniform = oef.noncooperative(oef.Problem(p.gpu_types, p.capacity, p.tenants, p.weights,
                                                  p.throughput, p.caps))
         per_mode.setdefault("noncooperative (1:1)", []).append(100 * (oef.efficiency(p, uniform.x) / ref - 1))
     summary = lambda d: {k: {"mean": statistics.fmean(v), "best": max(v), "worst": min(v), "n": len(v)}  # noqa: E731
                          for k, v in d.items()}
     return {"prices": prices, "instances": runs, "gain_pct": summary(per_mode),
-            "gain_pct_vs_untiebroken_max_min": summary(vs_lp)}
+            "gain_pct_vs_untiebroken_max_min": summary(vs_lp), "cooperative_stages": stages,
+            "cooperative_pe_cost_pct": {"mean": statistics.fmean(loss), "worst": max(loss),
+                                        "instances_with_cost": sum(v > 1e-7 for v in loss)}}
 
 
 def plot(times: list[dict], eff: dict, path: pathlib.Path) -> None:
@@ -123,9 +136,11 @@ def plot(times: list[dict], eff: dict, path: pathlib.Path) -> None:
                 a.plot(*zip(*pts), style, label=f"{mode}, {m} types")
     a.set(xscale="log", yscale="log", xlabel="tenants", ylabel="solve time (s)", title="Solve time")
     a.legend(fontsize=6)
-    names = list(eff["gain_pct"])
-    b.bar(names, [eff["gain_pct"][k]["mean"] for k in names], label="mean")
-    b.scatter(names, [eff["gain_pct"][k]["best"] for k in names], color="k", zorder=3, label="best")
+    import textwrap
+    keys = list(eff["gain_pct"])
+    names = [textwrap.fill(k, 16) for k in keys]
+    b.bar(names, [eff["gain_pct"][k]["mean"] for k in keys], label="mean")
+    b.scatter(names, [eff["gain_pct"][k]["best"] for k in keys], color="k", zorder=3, label="best")
     b.axhline(0, color="grey", lw=0.8)
     b.set(ylabel="efficiency vs max-min (%)", title="Gain over max-min fairness with performance")
     b.tick_params(axis="x", rotation=35, labelsize=7)
@@ -160,6 +175,8 @@ def main(argv=None) -> None:
         for k, v in eff[key].items():
             g.add_row(k, f"{v['mean']:+.2f}", f"{v['best']:+.2f}", f"{v['worst']:+.2f}", str(v["n"]))
         console.print(g)
+    console.print(f"cooperative stages: {eff['cooperative_stages']}; efficiency given up for Pareto "
+                  f"efficiency (% of the SI+EF optimum): {eff['cooperative_pe_cost_pct']}")
     console.print(f"wrote {OUT / 'allocator.json'} and {OUT / 'allocator.png'}")
 
 

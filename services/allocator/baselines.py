@@ -20,6 +20,7 @@ import scipy.sparse as sp
 
 from .oef import (Allocation, Problem, best_within_cap, block_rows, equal_share_values,
                   solve_lp, utility_rows)
+from .oef import eisenberg_gale as nash_welfare
 
 
 def _timed(mode: str, t0: float, x: np.ndarray, **info) -> Allocation:
@@ -55,33 +56,6 @@ def max_min_perf(p: Problem, tie_break: bool = True) -> Allocation:
     x = solve_lp(-p.speedup.ravel(), sp.vstack([rows, -utility_rows(p)]).tocsr(),
                  np.concatenate([rhs, -level * base]), what="max-min tie-break LP")
     return _timed("max-min", t0, np.clip(x.reshape(n, m), 0.0, None), level=float(z[-1]))
-
-
-def nash_welfare(p: Problem, rel_tol: float = 1e-10, max_iter: int = 200) -> np.ndarray:
-    """argmax sum_i w_i log U_i over capacity and caps (Eisenberg-Gale), by adding
-    tangent cuts z_i <= log u + (U_i - u)/u of log at the current utilities."""
-    n, m = p.n, p.m
-    base = np.maximum(equal_share_values(p), 1e-12)
-    rows, rhs = block_rows(p)
-    fixed = sp.hstack([rows, sp.csr_matrix((rows.shape[0], n))]).tocsr()
-    ur = utility_rows(p)
-    points = [base * f for f in (0.25, 0.5, 1.0, 2.0, 4.0, 16.0)]
-    c = np.concatenate([np.zeros(n * m), -p.weights])
-    for _ in range(max_iter):
-        u0 = np.concatenate(points)
-        idx = np.tile(np.arange(n), len(points))
-        # z_i - U_i/u0 <= log u0 - 1
-        cut = sp.hstack([-sp.diags(1 / u0) @ ur[idx], sp.csr_matrix(
-            (np.ones(len(idx)), (np.arange(len(idx)), idx)), shape=(len(idx), n))])
-        z = solve_lp(c, sp.vstack([fixed, cut]).tocsr(), np.concatenate([rhs, np.log(u0) - 1]),
-                     bounds=[(0, None)] * (n * m) + [(None, None)] * n, what="Nash welfare LP")
-        x = np.clip(z[:n * m].reshape(n, m), 0.0, None)
-        u = np.maximum((p.speedup * x).sum(axis=1), 1e-300)
-        gap = z[n * m:] - np.log(u)
-        if np.all(gap <= rel_tol):
-            return x
-        points.append(u)
-    return x
 
 
 def partial_allocation(p: Problem) -> Allocation:

@@ -11,21 +11,32 @@ Definitions (papers/oef.md, extended to demand caps):
   identical tenants of weight 1, each with cap d_i / w_i).
 
 `cooperative` solves max sum U_i subject to capacity, caps, SI and EF as LPs with
-HiGHS; `noncooperative` is the fixed-price pairwise exchange (strategy-proof, SI, EF).
+HiGHS, checks Pareto efficiency with an LP and, if that optimum is Pareto dominated,
+maximises efficiency over SI, EF and PE as a MILP (CEEI as fall-back);
+`noncooperative` is the fixed-price pairwise exchange (strategy-proof, SI, EF).
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import math
+import os
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.sparse as sp
-from scipy.optimize import linprog
+from scipy.optimize import Bounds, LinearConstraint, linprog, milp
 
 TOL = 1e-9  # relative tolerance of the LPs and of the cut generation
 CUTS_PER_TENANT = 3  # EF rows added per tenant and LP round
 HIGHS = {"primal_feasibility_tolerance": 1e-10, "dual_feasibility_tolerance": 1e-10}
+PE_TOL = 1e-9  # stage 2: a relative Pareto gain up to this counts as none
+ACCEPT_TOL = 1e-7  # stage 3: SI/EF slack and Pareto gain a candidate must meet (relative)
+MILP_TIME_LIMIT = 10.0  # seconds for stage 3's MILPs together
+WEIGHT_RATIO = 64.0  # stage 3: supporting welfare weights range over [1, max(WEIGHT_RATIO, 2 R_ceei)]
 
 
 @dataclass(frozen=True)
@@ -248,24 +259,54 @@ def _groups(p: Problem) -> tuple[np.ndarray, np.ndarray]:
     return inverse.ravel(), first
 
 
-def cooperative(p: Problem, max_refine: int = 4) -> Allocation:
-    """max sum_i U_i s.t. capacity, caps, SI and weighted EF (HiGHS LPs).
+def cooperative(p: Problem, max_refine: int = 4, pareto: bool = True,
+                time_limit: float = MILP_TIME_LIMIT) -> Allocation:
+    """max sum_i U_i s.t. capacity, caps, SI and weighted EF, then made Pareto efficient.
+
+    Stage 1 ("lp"): the fair optimum x*, HiGHS LPs (`_cooperative`). Stage 2: the
+    Pareto LP; if no tenant can gain without another losing (relative gain <= PE_TOL),
+    x* is returned. Stage 3 ("milp"): max efficiency over SI, EF and the supporting-price
+    characterisation of Pareto efficiency (`_pe_milp`); if it fails or runs out of time,
+    "ceei": the weighted competitive equilibrium from equal incomes (Eisenberg-Gale),
+    which is PE, SI and EF. Every stage-3 result is re-verified (SI, EF, Pareto LP).
+    ``pareto=False`` stops after stage 1. ``info["stage"]`` says which stage produced x.
 
     Interchangeable tenants (same speedups, same cap per weight) are merged into one
     of their total weight and cap: the LP is convex and symmetric in them, so it has
     an optimum giving them equal bundles per unit of weight, where EF among them
-    holds with equality. The group's bundle is split in proportion to weight.
+    holds with equality. The group's bundle is split in proportion to weight (which
+    keeps a Pareto-efficient aggregate Pareto efficient: same supporting weight for
+    every member).
     """
     t0 = time.perf_counter()
     group, first = _groups(p)
-    if len(first) == p.n:
-        return _cooperative(p, max_refine, t0)
-    wsum = np.bincount(group, weights=p.weights)
-    q = Problem(p.gpu_types, p.capacity, tuple(p.tenants[i] for i in first), wsum, p.throughput[first],
-                p.caps[first] / p.weights[first] * wsum, p.prices)
-    agg = _cooperative(q, max_refine, t0)
-    x = agg.x[group] * (p.weights / wsum[group])[:, None]
-    return Allocation("cooperative", x, time.perf_counter() - t0, {**agg.info, "groups": len(first)})
+    merged = len(first) < p.n
+    if merged:
+        wsum = np.bincount(group, weights=p.weights)
+        q = Problem(p.gpu_types, p.capacity, tuple(p.tenants[i] for i in first), wsum, p.throughput[first],
+                    p.caps[first] / p.weights[first] * wsum, p.prices)
+    else:
+        q = p
+    fair = _cooperative(q, max_refine, t0)
+    cuts = fair.info.pop("_cuts")
+    x, info = fair.x, {**fair.info, "stage": "lp"}
+    if pareto and q.n > 1:
+        x, more = _pareto_stages(q, x, cuts, time_limit)
+        info.update(more)
+    x = _within_limits(q, x)
+    if merged:
+        x = x[group] * (p.weights / wsum[group])[:, None]
+        info["groups"] = len(first)
+    return Allocation("cooperative", x, time.perf_counter() - t0, info)
+
+
+def _within_limits(p: Problem, x: np.ndarray) -> np.ndarray:
+    """x >= 0 scaled down where an LP left a capacity or cap exceeded by its tolerance."""
+    x = np.clip(x, 0.0, None)
+    col = x.sum(axis=0)
+    x = x * np.where(col > p.capacity, p.capacity / np.maximum(col, 1e-300), 1.0)[None, :]
+    row = x.sum(axis=1)
+    return x * np.where(row > p.caps, p.caps / np.maximum(row, 1e-300), 1.0)[:, None]
 
 
 def _cooperative(p: Problem, max_refine: int, t0: float) -> Allocation:
@@ -319,7 +360,8 @@ def _cooperative(p: Problem, max_refine: int, t0: float) -> Allocation:
                                np.broadcast_to(p.caps[:, None], (n, n)), scaled)
         lam = np.where(capped[:, None], new_lam, 0.0)
     return Allocation("cooperative", best, time.perf_counter() - t0,
-                      {"lp_solves": lp_solves, "ef_cuts": int(len(cuts)), "refinements": refines})
+                      {"lp_solves": lp_solves, "ef_cuts": int(len(cuts)), "refinements": refines,
+                       "fair_efficiency": best_eff, "_cuts": cuts})
 
 
 # ---------------------------------------------------------------- noncooperative
@@ -377,5 +419,367 @@ def pareto_improvement(p: Problem, x: np.ndarray) -> tuple[float, np.ndarray]:
     rows = sp.hstack([rows, sp.csr_matrix((rows.shape[0], n))])
     improve = sp.hstack([-utility_rows(p), sp.eye(n)])      # -U_i(y) + t_i <= -U_i(x)
     c = np.concatenate([np.zeros(n * m), -np.ones(n)])
-    z = solve_lp(c, sp.vstack([rows, improve]).tocsr(), np.concatenate([rhs, -u]), what="Pareto LP")
+    # U_i(x) less a hair (1e-12 of the largest utility): x itself may exceed a capacity
+    # by the LP tolerance, which must not make "no worse off" infeasible
+    slack = 1e-12 * max(float(u.max(initial=0.0)), 1e-12)
+    z = solve_lp(c, sp.vstack([rows, improve]).tocsr(), np.concatenate([rhs, -u + slack]), what="Pareto LP")
     return float(z[n * m:].sum() / max(u.sum(), 1e-12)), np.clip(z[:n * m].reshape(n, m), 0.0, None)
+
+
+# ---------------------------------------------------------------- Eisenberg-Gale / CEEI
+
+def eisenberg_gale(p: Problem, rel_tol: float = 1e-10, max_iter: int = 200) -> np.ndarray:
+    """argmax sum_i w_i log U_i over capacity and caps (Eisenberg-Gale), by adding
+    tangent cuts z_i <= log u + (U_i - u)/u of log at the current utilities (HiGHS LPs).
+
+    Every LP maximises sum_i w_i min_cuts(...), a strictly increasing function of U, so
+    its solution is Pareto efficient whatever the remaining gap; the gap (z_i - log U_i
+    <= rel_tol) only bounds how far it is from the exact CEEI (SI, EF)."""
+    n, m = p.n, p.m
+    base = np.maximum(equal_share_values(p), 1e-12)
+    rows, rhs = block_rows(p)
+    fixed = sp.hstack([rows, sp.csr_matrix((rows.shape[0], n))]).tocsr()
+    ur = utility_rows(p)
+    points = [base * f for f in (0.25, 0.5, 1.0, 2.0, 4.0, 16.0)]
+    c = np.concatenate([np.zeros(n * m), -p.weights])
+    for _ in range(max_iter):
+        u0 = np.concatenate(points)
+        idx = np.tile(np.arange(n), len(points))
+        # z_i - U_i/u0 <= log u0 - 1
+        cut = sp.hstack([-sp.diags(1 / u0) @ ur[idx], sp.csr_matrix(
+            (np.ones(len(idx)), (np.arange(len(idx)), idx)), shape=(len(idx), n))])
+        z = solve_lp(c, sp.vstack([fixed, cut]).tocsr(), np.concatenate([rhs, np.log(u0) - 1]),
+                     bounds=[(0, None)] * (n * m) + [(None, None)] * n, what="Nash welfare LP")
+        x = np.clip(z[:n * m].reshape(n, m), 0.0, None)
+        u = np.maximum((p.speedup * x).sum(axis=1), 1e-300)
+        gap = z[n * m:] - np.log(u)
+        if np.all(gap <= rel_tol):
+            return x
+        points.append(u)
+    return x
+
+
+def ceei(p: Problem) -> Allocation:
+    """The weighted competitive equilibrium from equal incomes: the Eisenberg-Gale
+    allocation, x_ij = 0 where s_ij = 0 (useless GPUs only feed others' envy). PE, SI and
+    EF for linear utilities (Varian 1974); `cooperative`'s last resort."""
+    t0 = time.perf_counter()
+    x = eisenberg_gale(p)
+    x = np.where(p.speedup > 0, x, 0.0)
+    polished = False
+    if not np.isfinite(p.caps).any():
+        for tol in (1e-4, 1e-6):
+            y = _ceei_polish(p, x, tol)
+            if y is not None:
+                x, polished = y, True
+                break
+    return Allocation("ceei", x, time.perf_counter() - t0, {"polished": polished})
+
+
+def _ceei_polish(p: Problem, x: np.ndarray, tol: float) -> np.ndarray | None:
+    """Exact equilibrium (no caps) on the approximate one's maximum-bang-per-buck edges:
+    money flows b_ij >= 0 on edges E (s_ij/p_j within tol of i's best ratio at the
+    approximate prices), prices p and weights beta with sum_j b_ij = w_i,
+    sum_i b_ij = p_j c_j, beta_i s_ij <= p_j, equal on E: one LP. x_ij = b_ij / p_j."""
+    n, m, s = p.n, p.m, p.speedup
+    u = np.maximum((s * x).sum(axis=1), 1e-300)
+    beta0 = p.weights / u
+    price0 = (beta0[:, None] * s).max(axis=0)
+    edges = np.argwhere((beta0[:, None] * s >= price0[None, :] * (1 - tol)) & (s > 0))
+    ne = len(edges)
+    ei, ej = edges[:, 0], edges[:, 1]
+    # variables: b (ne), p (m), beta (n)
+    nv = ne + m + n
+    er = np.arange(ne)
+    spend = sp.csr_matrix((np.ones(ne), (ei, er)), shape=(n, nv))
+    sold = sp.csr_matrix((np.concatenate([np.ones(ne), -p.capacity]),
+                          (np.concatenate([ej, np.arange(m)]), np.concatenate([er, ne + np.arange(m)]))),
+                         shape=(m, nv))
+    tight = sp.csr_matrix((np.concatenate([s[ei, ej], -np.ones(ne)]),
+                           (np.concatenate([er, er]), np.concatenate([ne + m + ei, ne + ej]))), shape=(ne, nv))
+    ii, jj = np.divmod(np.arange(n * m), m)
+    feas = sp.csr_matrix((np.concatenate([s.ravel(), -np.ones(n * m)]),
+                          (np.tile(np.arange(n * m), 2), np.concatenate([ne + m + ii, ne + jj]))), shape=(n * m, nv))
+    res = linprog(np.zeros(nv), A_ub=feas, b_ub=np.zeros(n * m), A_eq=sp.vstack([spend, sold, tight]).tocsr(),
+                  b_eq=np.concatenate([p.weights, np.zeros(m + ne)]), bounds=(0, None), method="highs",
+                  options=HIGHS)
+    if res.status != 0:
+        return None
+    b, price = res.x[:ne], res.x[ne:ne + m]
+    out = np.zeros((n, m))
+    ok = price[ej] > 0
+    out[ei[ok], ej[ok]] = b[ok] / price[ej[ok]]
+    return out
+
+
+# ---------------------------------------------------------------- cooperative, stages 2-3
+
+def check_fair_pe(p: Problem, x: np.ndarray) -> tuple[float, float, float]:
+    """(min SI slack, min EF slack, relative Pareto gain): the verification of stage 3."""
+    return float(si_slack(p, x).min()), float(ef_slack(p, x).min()), pareto_improvement(p, x)[0]
+
+
+def _acceptable(check: tuple[float, float, float]) -> bool:
+    si, ef, gain = check
+    return si >= -ACCEPT_TOL and ef >= -ACCEPT_TOL and gain <= ACCEPT_TOL
+
+
+def _cut_prices(p: Problem, x: np.ndarray) -> np.ndarray:
+    """lam[i, k]: the cap's dual price in f_i(w_i/w_k x_k), so each EF cut is tight at x."""
+    n, s = p.n, p.speedup
+    scaled = (p.weights[:, None, None] / p.weights[None, :, None]) * x[None, :, :]
+    lam = capped_price(np.broadcast_to(s[:, None, :], scaled.shape), np.broadcast_to(p.caps[:, None], (n, n)),
+                       scaled)
+    return np.where(np.isfinite(p.caps)[:, None], lam, 0.0)
+
+
+def _pareto_stages(p: Problem, x: np.ndarray, cuts: np.ndarray, time_limit: float) -> tuple[np.ndarray, dict]:
+    """Stages 2 and 3 of `cooperative` on distinct tenants."""
+    t0 = time.perf_counter()
+    gain, _ = pareto_improvement(p, x)
+    info: dict = {"pareto_gain_lp": gain}
+    if gain <= PE_TOL:
+        return x, info
+    ce = ceei(p).x
+    ce_check = check_fair_pe(p, ce)
+    ce_ok = _acceptable(ce_check)
+    info["ceei_check"] = list(ce_check)
+    u = np.maximum(utilities(p, ce), 1e-300)
+    ratio = float((p.weights / u).max() / (p.weights / u).min())
+    # start from stage 1's EF pairs and the pairs tight at the CEEI
+    pairs = np.unique(np.concatenate([cuts.reshape(-1, 2), ef_pairs_tight(p, ce)]), axis=0)
+    if ce_ok:   # the best point of the CEEI's supporting face: PE, and a bound for the MILP
+        face = _best_on_face(p, ce)
+        if face is not None and _acceptable(check_fair_pe(p, face)) and efficiency(p, face) > efficiency(p, ce):
+            ce = face
+    mx, minfo = _pe_milp(p, pairs, efficiency(p, ce) if ce_ok else None, max(WEIGHT_RATIO, 2.0 * ratio),
+                         t0 + time_limit)
+    info.update(minfo)
+    if mx is not None:
+        check = check_fair_pe(p, mx)
+        info["milp_check"] = list(check)
+        if _acceptable(check) and (not ce_ok or efficiency(p, mx) >= efficiency(p, ce) * (1 - 1e-9)):
+            info["stage"] = "milp"
+            return mx, info
+    if ce_ok:
+        info["stage"] = "ceei"
+        return ce, info
+    info["stage"], info["pareto_efficient"] = "lp", False   # never seen in the tests
+    return x, info
+
+
+def _best_on_face(p: Problem, ce: np.ndarray) -> np.ndarray | None:
+    """Max efficiency over SI, EF and the face of allocations maximising sum_i beta_i U_i
+    with the CEEI's supporting weights beta_i = w_i/U_i (every point of it is Pareto
+    efficient, the CEEI is one): LPs, EF rows lazily as in stage 1."""
+    n, m, s = p.n, p.m, p.speedup
+    beta = p.weights / np.maximum(utilities(p, ce), 1e-300)
+    beta = beta / beta.min()
+    rows, rhs = block_rows(p)
+    wx = solve_lp(-(beta[:, None] * s).ravel(), rows, rhs, what="face LP")
+    top = float((beta[:, None] * s).ravel() @ wx)
+    base = equal_share_values(p)
+    scale = np.maximum(base, 1e-12)
+    lam = _cut_prices(p, ce)
+    fixed_a = sp.vstack([rows, -utility_rows(p), sp.csr_matrix(-(beta[:, None] * s).ravel()[None, :])]).tocsr()
+    fixed_b = np.concatenate([rhs, -base * (1 - TOL), [-top * (1 - 1e-12)]])
+    cuts = ef_pairs_tight(p, ce)
+    for _ in range(20):
+        cut_a, cut_b = _ef_cut_rows(p, cuts, lam)
+        res = linprog(-s.ravel(), A_ub=sp.vstack([fixed_a, cut_a]).tocsr(), b_ub=np.concatenate([fixed_b, cut_b]),
+                      bounds=(0, None), method="highs", options=HIGHS)
+        if res.status != 0:
+            return None
+        x = np.clip(res.x.reshape(n, m), 0.0, None)
+        viol = _ef_violations(p, x, lam, scale)
+        new = np.argwhere(viol > TOL * 10)
+        if len(new) == 0:
+            return x
+        cuts = np.unique(np.concatenate([cuts, new]), axis=0)
+    return None
+
+
+def ef_pairs_tight(p: Problem, x: np.ndarray, tol: float = 1e-6) -> np.ndarray:
+    """Pairs (i, k) with EF slack of i towards k at most tol (relative): the binding ones."""
+    if p.n < 2:
+        return np.zeros((0, 2), dtype=int)
+    v = envy_values(p, x)
+    np.fill_diagonal(v, -np.inf)
+    slack = (utilities(p, x)[:, None] - v) / np.maximum(equal_share_values(p), 1e-12)[:, None]
+    return np.argwhere(slack <= tol)
+
+
+def _pe_milp(p: Problem, pairs: np.ndarray, lower: float | None, ratio: float,
+             deadline: float) -> tuple[np.ndarray | None, dict]:
+    """max sum_i U_i over SI, EF (exact, `_ef_rows_exact`) and Pareto efficiency, a MILP.
+
+    x is Pareto efficient iff it maximises sum_i beta_i U_i over capacity and caps for
+    some beta > 0 (a polytope: efficient = properly efficient). Scaled to beta_i in
+    [1, ratio], LP duality gives prices p_j >= 0 and cap prices mu_i >= 0 with
+        beta_i s_ij - mu_i <= p_j                        (dual feasibility)
+        x_ij > 0        => beta_i s_ij - mu_i = p_j      (binary z_ij)
+        p_j > 0         => type j fully allocated        (binary y_j)
+        mu_i > 0        => tenant i at its cap           (binary v_i)
+    with big-M bounds p_j <= ratio max_i s_ij, mu_i <= ratio max_j s_ij (a minimal dual
+    never exceeds them). The MILP's binaries are then fixed and the rest re-solved as an
+    LP (exact certificate, no big-M tolerance). EF pairs are added lazily.
+    Variables: x (nm), beta (n), p (m), mu (n), z (nm), y (m), v (n)."""
+    n, m, s = p.n, p.m, p.speedup
+    nm = n * m
+    capped = np.isfinite(p.caps)
+    base = equal_share_values(p)
+    scale = np.maximum(base, 1e-12)
+    ox, ob, op, om, oz, oy, ov = 0, nm, nm + n, nm + n + m, nm + 2 * n + m, 2 * nm + 2 * n + m, 2 * nm + 2 * n + 2 * m
+    N = ov + n
+    xmax = np.minimum(p.capacity[None, :], np.where(capped, p.caps, np.inf)[:, None]) * (s > 0)
+    pbar = ratio * s.max(axis=0)
+    mubar = np.where(capped, ratio * s.max(axis=1), 0.0)
+    lb = np.zeros(N)
+    ub = np.concatenate([xmax.ravel(), np.full(n, ratio), pbar, mubar, (xmax > 0).ravel().astype(float),
+                         np.ones(m), capped.astype(float)])
+    lb[ob:op] = 1.0
+    ii, jj = np.divmod(np.arange(nm), m)
+    k = np.arange(nm)
+
+    def coo(r, c, v, nrows):
+        return sp.csr_matrix((v, (r, c)), shape=(nrows, N))
+
+    rows, rhs = block_rows(p)
+    blocks = [sp.hstack([rows, sp.csr_matrix((rows.shape[0], N - nm))]).tocsr()]
+    b = [rhs]
+    blocks.append(sp.hstack([-utility_rows(p), sp.csr_matrix((n, N - nm))]).tocsr())     # SI
+    b.append(-base * (1 - TOL))
+    blocks.append(coo(np.repeat(k, 3), np.stack([ob + ii, om + ii, op + jj], 1).ravel(),
+                      np.stack([s.ravel(), -np.ones(nm), -np.ones(nm)], 1).ravel(), nm))  # dual feasibility
+    b.append(np.zeros(nm))
+    blocks.append(coo(np.repeat(k, 2), np.stack([ox + k, oz + k], 1).ravel(),
+                      np.stack([np.ones(nm), -xmax.ravel()], 1).ravel(), nm))              # x > 0 => z
+    b.append(np.zeros(nm))
+    big = pbar[jj] + mubar[ii]
+    blocks.append(coo(np.repeat(k, 4), np.stack([op + jj, om + ii, ob + ii, oz + k], 1).ravel(),
+                      np.stack([np.ones(nm), np.ones(nm), -s.ravel(), big], 1).ravel(), nm))  # z => tight
+    b.append(big)
+    blocks.append(coo(np.repeat(np.arange(m), 2), np.stack([op + np.arange(m), oy + np.arange(m)], 1).ravel(),
+                      np.stack([np.ones(m), -pbar], 1).ravel(), m))                        # p_j > 0 => y_j
+    b.append(np.zeros(m))
+    full = sp.hstack([-sp.kron(np.ones((1, n)), sp.eye(m)), sp.csr_matrix((m, N - nm))]).tocsr()
+    blocks.append(full + coo(np.arange(m), oy + np.arange(m), p.capacity, m))              # y_j => full
+    b.append(np.zeros(m))
+    ci = np.flatnonzero(capped)
+    if len(ci):
+        blocks.append(coo(np.repeat(np.arange(len(ci)), 2), np.stack([om + ci, ov + ci], 1).ravel(),
+                          np.stack([np.ones(len(ci)), -mubar[ci]], 1).ravel(), len(ci)))  # mu_i > 0 => v_i
+        b.append(np.zeros(len(ci)))
+        at_cap = sp.hstack([-sp.kron(sp.eye(n).tocsr()[ci], np.ones((1, m))), sp.csr_matrix((len(ci), N - nm))])
+        blocks.append(at_cap.tocsr() + coo(np.arange(len(ci)), ov + ci, p.caps[ci], len(ci)))  # v_i => at cap
+        b.append(np.zeros(len(ci)))
+    if lower is not None:                                                                  # >= the CEEI
+        blocks.append(coo(np.zeros(nm, dtype=int), k, -s.ravel(), 1))
+        b.append(np.array([-lower * (1 - 1e-6)]))
+    fixed_a, fixed_b = sp.vstack(blocks).tocsr(), np.concatenate(b)
+    c = np.zeros(N)
+    c[:nm] = -s.ravel()
+    integrality = np.zeros(N)
+    integrality[oz:] = 1
+    info: dict = {"milp_solves": 0}
+    pairs = pairs.reshape(-1, 2)
+    while True:
+        left = deadline - time.perf_counter()
+        if left <= 0:
+            info["milp_status"] = "time limit"
+            return None, info
+        cut_a, cut_b, nd = _ef_rows_exact(p, pairs)
+        a = sp.vstack([sp.hstack([fixed_a, sp.csr_matrix((fixed_a.shape[0], nd))]), cut_a]).tocsr()
+        bb = np.concatenate([fixed_b, cut_b])
+        cc, lo = np.concatenate([c, np.zeros(nd)]), np.concatenate([lb, np.zeros(nd)])
+        hi = np.concatenate([ub, np.ones(nd)])
+        with _stdout_to_stderr():
+            res = milp(cc, integrality=np.concatenate([integrality, np.ones(nd)]), bounds=Bounds(lo, hi),
+                       constraints=LinearConstraint(a, -np.inf, bb),
+                       options={"time_limit": left, "mip_rel_gap": 1e-6, "presolve": True})
+        info["milp_solves"] += 1
+        info["milp_status"] = res.message
+        info["milp_gap"] = float(getattr(res, "mip_gap", np.nan) or 0.0)
+        if res.x is None:
+            return None, info
+        lo[oz:] = hi[oz:] = np.round(res.x[oz:])     # binaries fixed: an LP, exact certificate
+        pol = linprog(cc, A_ub=a, b_ub=bb, bounds=np.stack([lo, hi], 1), method="highs", options=HIGHS)
+        info["polished"] = pol.status == 0
+        z = pol.x if pol.status == 0 else res.x
+        x = np.clip(z[:nm].reshape(n, m), 0.0, None)
+        v = envy_values(p, x)
+        np.fill_diagonal(v, -np.inf)
+        viol = (v - utilities(p, x)[:, None]) / scale[:, None]
+        worst = np.argsort(-viol, axis=1)[:, :CUTS_PER_TENANT]
+        new = np.stack([np.repeat(np.arange(n), worst.shape[1]), worst.ravel()], axis=1)
+        new = new[viol[new[:, 0], new[:, 1]] > TOL * 10]
+        if len(new) == 0:
+            info["weights"] = z[ob:op].tolist()
+            return x, info
+        pairs = np.unique(np.concatenate([pairs, new]), axis=0)
+
+
+_STDOUT_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr():
+    """HiGHS's MIP solver sometimes printf()s a debug line to stdout (HiGHS issue
+    #2783) even with output off; `hetis allocate --json` must print only JSON there."""
+    with _STDOUT_LOCK:
+        try:
+            sys.stdout.flush()
+            saved = os.dup(1)
+        except (OSError, ValueError, AttributeError):
+            yield
+            return
+        try:
+            os.dup2(2, 1)
+            yield
+        finally:
+            try:
+                ctypes.CDLL(None).fflush(None)
+            except (OSError, AttributeError):
+                pass
+            os.dup2(saved, 1)
+            os.close(saved)
+
+
+def _ef_rows_exact(p: Problem, pairs: np.ndarray) -> tuple[sp.csr_matrix, np.ndarray, int]:
+    """Exact EF rows for pairs (i, k) over x (the first nm columns of the stage-3 MILP)
+    plus nd new binary columns. Uncapped i: U_i >= (w_i/w_k) s_i.x_k. Capped i:
+    f_i(a) = min_lam d_i lam + sum_j a_j (s_ij - lam)^+, attained at lam in {0} or a
+    speed of i, so f_i(a) <= U_i iff one of these bounds is <= U_i: one binary per
+    candidate lam (delta = 1 enforces that bound), at least one chosen."""
+    n, m, s = p.n, p.m, p.speedup
+    nm = n * m
+    N = 2 * nm + 3 * n + 2 * m
+    r, cidx, val, rhs = [], [], [], []
+    nd, row = 0, 0
+    for i, k in pairs:
+        ratio = p.weights[i] / p.weights[k]
+        lams = [0.0] if not np.isfinite(p.caps[i]) else sorted({0.0, *s[i][s[i] > 0]})
+        first = nd
+        for lam in lams:
+            q = ratio * np.clip(s[i] - lam, 0.0, None)
+            r += [row] * (2 * m)
+            cidx += list(i * m + np.arange(m)) + list(k * m + np.arange(m))
+            val += list(-s[i]) + list(q)
+            if len(lams) == 1:
+                rhs.append(0.0)
+            else:   # -U_i + d lam + q.x_k + M delta <= M
+                big = p.caps[i] * lam + q @ p.capacity
+                r.append(row)
+                cidx.append(N + nd)
+                val.append(big)
+                rhs.append(big - p.caps[i] * lam)
+                nd += 1
+            row += 1
+        if len(lams) > 1:
+            r += [row] * (nd - first)
+            cidx += list(range(N + first, N + nd))
+            val += [-1.0] * (nd - first)
+            rhs.append(-1.0)
+            row += 1
+    a = sp.csr_matrix((val, (r, cidx)), shape=(row, N + nd))
+    return a, np.array(rhs), nd

@@ -81,8 +81,10 @@ class Allocator(allocator_pb2_grpc.AllocatorServicer):
                 self.store.save_json("allocation", {
                     "mode": snap.mode, "version": snap.version, "tenants": list(snap.problem.tenants),
                     "gpu_types": list(snap.problem.gpu_types), "x": snap.alloc.x.tolist(),
-                    "solve_seconds": snap.alloc.solve_seconds})
-            log.info("allocation v%d: %d tenants, mode %s", snap.version, len(tenants), self.mode)
+                    "solve_seconds": snap.alloc.solve_seconds, "stage": snap.alloc.info.get("stage")})
+            log.info("allocation v%d: %d tenants, mode %s%s", snap.version, len(tenants), self.mode,
+                     f" (stage {snap.alloc.info['stage']})" if snap.alloc is not None and "stage" in snap.alloc.info
+                     else "")
             return snap
 
     def _current(self) -> Snapshot:

@@ -58,10 +58,10 @@ def test_noncooperative_with_public_prices_has_no_profitable_misreport():
 def test_the_same_search_finds_profitable_lies_against_cooperative():
     rng = np.random.default_rng(2)
     gains = []
-    for _ in range(6):
+    for _ in range(3):    # each a few seconds: misreports often need cooperative's stage 3
         n, m = 4, 3
         p = oef.Problem(("a", "b", "c"), rng.integers(2, 10, m).astype(float), tuple(f"t{i}" for i in range(n)),
                         np.ones(n), rng.uniform(0.1, 10, (n, m)), np.full(n, np.inf))
         gains.append(best_gain(p, oef.cooperative, rng))
     assert max(gains) > 1e-3, gains
-    assert sum(g > 1e-6 for g in gains) >= 3, gains
+    assert sum(g > 1e-6 for g in gains) >= 2, gains
