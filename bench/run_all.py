@@ -13,6 +13,8 @@ ignore_eos, all sent at t=0 (--quick: 16 requests, 32 output tokens).
    service) against the in-process engine (same dtype and threads per process):
    mesh output tok/s / engine output tok/s.
 3. step_vs_matmul: ``bench.step_vs_matmul.main(out_dir)``.
+4. gemm_profile: GEMM GFLOPS by dtype and the workload's FLOP budget for both
+   engines (``bench.gemm_profile``): the profile that bounds engine_vs_hf here.
 
 Writes engine_vs_hf.{json,png}, mesh_vs_engine.{json,png} and summary.json.
 """
@@ -115,7 +117,7 @@ def step_breakdown(router: str) -> dict:
         "tensor_exchange_wait_s": st["exchange_wait_s"],
     }
     out = {"steps": st["steps"], "step_call_s": st["step_call_s"], **parts}
-    out["shares"] = {k.replace("_s", ""): v / total for k, v in parts.items()}
+    out["shares"] = {k.removesuffix("_s"): v / total for k, v in parts.items()}
     print("mesh step time: " + ", ".join(f"{k} {v:.0%}" for k, v in out["shares"].items()), flush=True)
     return out
 
@@ -146,12 +148,12 @@ def main(argv=None) -> int:
                     "baseline is float32 either way)")
     ap.add_argument("--out-dir", default=str(OUT), help="default %(default)s")
     ap.add_argument("--only", nargs="+", choices=["engine_vs_hf", "mesh_vs_engine",
-                                                  "step_vs_matmul"], default=None,
+                                                  "step_vs_matmul", "gemm_profile"], default=None,
                     help="run only these parts")
     args = ap.parse_args(argv)
     out_dir = pathlib.Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    parts = args.only or ["engine_vs_hf", "mesh_vs_engine", "step_vs_matmul"]
+    parts = args.only or ["engine_vs_hf", "mesh_vs_engine", "step_vs_matmul", "gemm_profile"]
     n, out_len = (16, 32) if args.quick else (64, 128)
     summary = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "quick": args.quick, "dtype": args.dtype, "threads": args.threads, "mesh_threads": args.mesh_threads,
@@ -197,7 +199,24 @@ def main(argv=None) -> int:
             failed = True
             summary["errors"]["step_vs_matmul"] = f"{type(e).__name__}: {e}"
             traceback.print_exc()
+    if "gemm_profile" in parts:  # why engine_vs_hf is bounded here: GEMM speed by dtype, FLOP budget
+        from bench.gemm_profile import main as gemm_profile
+        summary["gemm_profile"] = gemm_profile(str(out_dir), args.threads)
     summary["wall_s"] = time.perf_counter() - t0
+    if args.only and (out_dir / "summary.json").exists():
+        # a partial re-run updates only its parts of the last full summary
+        old = json.loads((out_dir / "summary.json").read_text())
+        if old.get("quick") == args.quick:
+            for key in ("engine_vs_hf", "mesh_vs_engine", "step_vs_matmul"):
+                if key not in parts:
+                    summary[key] = old.get(key)
+                    for k in (f"{key}_detail", "mesh_step_breakdown" if key == "mesh_vs_engine" else None):
+                        if k and k in old:
+                            summary[k] = old[k]
+            summary["throughputs"] = {**old.get("throughputs", {}), **summary["throughputs"]}
+            summary["errors"] = {**{k: v for k, v in old.get("errors", {}).items() if k not in parts},
+                                 **summary["errors"]}
+            summary["reruns"] = old.get("reruns", []) + [{"parts": parts, "date": summary["date"]}]
     with open(out_dir / "summary.json", "w") as f:
         json.dump(summary, f, indent=2)
     print(f"\nsummary ({out_dir / 'summary.json'}):")
