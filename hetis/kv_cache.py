@@ -13,6 +13,9 @@ allocates.
 """
 from __future__ import annotations
 
+import math
+import mmap
+
 import torch
 
 Key = tuple[int, int]  # (sequence id, head group)
@@ -80,14 +83,28 @@ class BlockManager:
         return {s: sorted(gs) for s, gs in out.items()}
 
 
+def _lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
+    """Zeros whose memory is committed only where written (CPU: anonymous mmap).
+
+    A KV cache is sized for the worst case; ``torch.zeros`` would touch (and
+    keep resident) every page of it at start. Anonymous mappings are
+    zero-filled by the kernel and paged in on first write.
+    """
+    if torch.device(device).type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    n = math.prod(shape)
+    buf = mmap.mmap(-1, max(1, n * torch.empty((), dtype=dtype).element_size()))
+    return torch.frombuffer(buf, dtype=dtype, count=n).view(shape)
+
+
 class KVStore:
     """The K and V tensors of one device: [layers, blocks, block_size, head_dim] each."""
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, head_dim: int,
                  dtype: torch.dtype, device: str | torch.device = "cpu"):
         shape = (num_layers, num_blocks, block_size, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.k = _lazy_zeros(shape, dtype, device)
+        self.v = _lazy_zeros(shape, dtype, device)
         self.block_size = block_size
         self.k_flat = self.k.view(num_layers, num_blocks * block_size, head_dim)
         self.v_flat = self.v.view(num_layers, num_blocks * block_size, head_dim)
