@@ -13,7 +13,7 @@ LOCAL_MAX_QUEUE = 1 << 30   # the benchmark holds its own arrivals; never refuse
 
 
 class LocalTarget:
-    """``hetis.LLM``'s engine driven by ``RouterCore`` in a thread: requests arrive over
+    """``hetis.LLM``'s engine driven by ``ServingLoop`` in a thread: requests arrive over
     time and stream their tokens, as behind the router (without gRPC)."""
 
     kind = "engine"
@@ -22,13 +22,13 @@ class LocalTarget:
                  max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
                  temperature: float = 0.0, ignore_eos: bool = False):
         from hetis import LLM
-        from services.router.core import RouterCore
+        from hetis.serving import ServingLoop
         self.llm = LLM(model=model, dtype=dtype, placement=placement, max_num_seqs=max_num_seqs,
                        max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len)
         self.tokenizer = self.llm.tokenizer
         self.max_model_len = self.llm.engine_config.max_model_len
         self.temperature, self.ignore_eos = temperature, ignore_eos
-        self.core = RouterCore(self.llm.engine, LOCAL_MAX_QUEUE).start()
+        self.core = ServingLoop(self.llm.engine, LOCAL_MAX_QUEUE).start()
         self.description = {"target": "engine", "dtype": dtype,
                             "placement": list(self.llm.placement)}
 

@@ -11,14 +11,15 @@ import grpc
 
 from hetis.config import EngineConfig
 from hetis.dispatcher import Device, Dispatcher
-from hetis.engine import Engine, build_managers
+from hetis.engine import Engine
 from hetis.kv_cache import BlockManager
 from hetis.loader import load_meta
 from hetis.sampling import SamplingParams
 from hetis.service import GRPC_OPTIONS, serve, setup_logging
 from hetis.telemetry import connect, read_workers
 from hetis.v1 import generation_pb2 as pb, generation_pb2_grpc, worker_pb2, worker_pb2_grpc
-from services.router.core import QueueFull, RemoteExecutor, RouterCore
+from hetis.serving import QueueFull, ServingLoop
+from services.router.core import RemoteExecutor
 
 log = logging.getLogger("hetis.router")
 
@@ -39,7 +40,7 @@ def sampling_from_proto(sp: pb.SamplingParams) -> SamplingParams:
 
 
 class Generation(generation_pb2_grpc.GenerationServicer):
-    def __init__(self, core: RouterCore, tokenizer, model_cfg, model_name: str, dtype: str,
+    def __init__(self, core: ServingLoop, tokenizer, model_cfg, model_name: str, dtype: str,
                  dispatcher: Dispatcher, redis_url: str, device_ids: list[str]):
         self.core, self.tok, self.cfg = core, tokenizer, model_cfg
         self.model_name, self.dtype = model_name, dtype
@@ -232,7 +233,7 @@ def run(args) -> None:
     engine = Engine(RemoteExecutor(dense), tok, managers, ecfg, place=dispatcher.place,
                     eos_token_ids=cfg.eos_token_ids, vocab_size=cfg.vocab_size)
     dispatcher.get_running = lambda: engine.scheduler.running
-    core = RouterCore(engine, args.max_queue).start()
+    core = ServingLoop(engine, args.max_queue).start()
     stop = threading.Event()
     threading.Thread(target=_refresh_costs, args=(dispatcher, device_ids, args.redis_url, stop),
                      daemon=True, name="cost-refresh").start()
