@@ -5,7 +5,7 @@ VPY     := $(VENV)/bin/python
 PIP     := $(VPY) -m pip
 STAMP   := $(VENV)/.installed
 
-.PHONY: install test demo protos bench clean
+.PHONY: install test test-fast test-model test-integration demo protos bench clean
 
 install: $(STAMP)
 
@@ -30,15 +30,26 @@ redis-server:
 		echo "redis-server is missing: install it with your package manager (Debian/Ubuntu: 'sudo apt-get install redis-server', macOS: 'brew install redis')"; exit 1; \
 	fi
 
+# Tiers (tests/README.md): unit (no model, no processes), model (the real model in-process),
+# integration (real processes, real Redis). `make test` runs them all; CI runs it.
 test: install
 	$(VPY) -m pytest -q -x --durations=15
+
+test-fast: install
+	$(VPY) -m pytest -q -x tests/unit
+
+test-model: install
+	$(VPY) -m pytest -q -x tests/model
+
+test-integration: install
+	$(VPY) -m pytest -q -x tests/integration
 
 demo: install
 	$(VENV)/bin/hetis demo
 
 # Regenerate the gRPC stubs (hetis/v1/*_pb2*.py) from protos/hetis/v1/*.proto.
 protos:
-	$(VPY) -m hetis.protos_gen
+	$(VPY) -m hetis.mesh.protos_gen
 
 bench: install
 	$(VPY) -m bench.run_all

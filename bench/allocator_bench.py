@@ -23,9 +23,12 @@ from rich.console import Console
 from rich.progress import track
 from rich.table import Table
 
-from services.allocator import gavel, oef
-from services.allocator.baselines import max_min_perf
-from services.allocator.modes import MODES
+from hetis.allocator import gavel
+from hetis.allocator.baselines import max_min_perf
+from hetis.allocator.cooperative import groups
+from hetis.allocator.modes import MODES, solver
+from hetis.allocator.noncooperative import noncooperative
+from hetis.allocator.problem import Problem, efficiency
 
 OUT = pathlib.Path(__file__).resolve().parent / "results"
 
@@ -47,7 +50,7 @@ def _extra(rng, thr: list[float], k: int) -> list[float]:
 
 
 def instance(rng, n: int, m: int, gpus_per_tenant: float = 2.0, caps: bool = False,
-             prices: dict | None = None, distinct: bool = False) -> oef.Problem:
+             prices: dict | None = None, distinct: bool = False) -> Problem:
     jobs = gavel.jobs()
     types = ["v100", "p100", "k80"] + [f"x{k}" for k in range(m - 3)]
     fixed = np.random.default_rng(0)
@@ -63,7 +66,7 @@ def instance(rng, n: int, m: int, gpus_per_tenant: float = 2.0, caps: bool = Fal
                         "max_gpus": float(rng.integers(1, 9)) if caps and rng.random() < 0.3 else None})
     share = rng.dirichlet(np.ones(m) * 2)
     gpus = {g: max(1, int(round(gpus_per_tenant * n * s))) for g, s in zip(types, share)}
-    return oef.Problem.build(gpus, tenants, prices)
+    return Problem.build(gpus, tenants, prices)
 
 
 def solve_times(quick: bool) -> list[dict]:
@@ -72,13 +75,14 @@ def solve_times(quick: bool) -> list[dict]:
              (1000, 8, False), (100, 8, True)]
     for n, m, distinct in track(sizes, description="solve times"):
         p = instance(np.random.default_rng(n * 10 + m), n, m, distinct=distinct)
-        for mode, f in MODES.items():
+        for mode in MODES:
             if mode == "partial-allocation" and n > 10:
                 continue     # n+1 Nash-welfare solves, each a series of LPs
+            f = solver(mode)
             t0 = time.perf_counter()
             a = f(p)
             rows.append({"tenants": n, "gpu_types": m, "mode": mode, "seconds": time.perf_counter() - t0,
-                         "efficiency": oef.efficiency(p, a.x), "distinct_profiles": len(oef._groups(p)[1]),
+                         "efficiency": efficiency(p, a.x), "distinct_profiles": len(groups(p)[1]),
                          "all_distinct": distinct, **({"stage": a.info["stage"],
                                                        "fair_efficiency": a.info["fair_efficiency"]}
                                                       if mode == "cooperative" else {})})
@@ -97,13 +101,13 @@ def gains(quick: bool) -> dict:
         n = int(rng.choice([4, 8, 16, 32]))
         p = instance(rng, n, 3, gpus_per_tenant=float(rng.uniform(0.5, 4)), caps=bool(rng.random() < 0.5),
                      prices=prices)
-        ref = oef.efficiency(p, MODES["max-min"](p).x)
-        ref_lp = oef.efficiency(p, max_min_perf(p, tie_break=False).x)
-        for mode, f in MODES.items():
+        ref = efficiency(p, solver("max-min")(p).x)
+        ref_lp = efficiency(p, max_min_perf(p, tie_break=False).x)
+        for mode in MODES:
             if mode == "partial-allocation" and n > 16:
                 continue
-            a = f(p)
-            eff = oef.efficiency(p, a.x)
+            a = solver(mode)(p)
+            eff = efficiency(p, a.x)
             per_mode.setdefault(mode, []).append(100 * (eff / ref - 1))
             vs_lp.setdefault(mode, []).append(100 * (eff / ref_lp - 1))
             if mode == "cooperative":   # stage 1 alone: the SI+EF optimum, Pareto efficient or not
@@ -112,9 +116,8 @@ def gains(quick: bool) -> dict:
                 loss.append(100 * (1 - eff / fair))
                 per_mode.setdefault("cooperative stage 1 (SI+EF, not PE)", []).append(100 * (fair / ref - 1))
                 vs_lp.setdefault("cooperative stage 1 (SI+EF, not PE)", []).append(100 * (fair / ref_lp - 1))
-        uniform = oef.noncooperative(oef.Problem(p.gpu_types, p.capacity, p.tenants, p.weights,
-                                                 p.throughput, p.caps))
-        per_mode.setdefault("noncooperative (1:1)", []).append(100 * (oef.efficiency(p, uniform.x) / ref - 1))
+        uniform = noncooperative(Problem(p.gpu_types, p.capacity, p.tenants, p.weights, p.throughput, p.caps))
+        per_mode.setdefault("noncooperative (1:1)", []).append(100 * (efficiency(p, uniform.x) / ref - 1))
     summary = lambda d: {k: {"mean": statistics.fmean(v), "best": max(v), "worst": min(v), "n": len(v)}  # noqa: E731
                          for k, v in d.items()}
     return {"prices": prices, "instances": runs, "gain_pct": summary(per_mode),

@@ -32,6 +32,8 @@ import traceback
 from datetime import datetime, timezone
 from types import SimpleNamespace
 
+from hetis.defaults import DTYPE_NAMES
+
 OUT = pathlib.Path(__file__).resolve().parent / "results"
 
 
@@ -52,7 +54,7 @@ def bench(argv: list[str]) -> dict:
 
 def start_mesh(threads: int, log_dir: str, dtype: str = "bfloat16", attn_workers: int = 2):
     """(redis, cluster, router address): ``hetis up``'s machinery, policy hetis."""
-    from hetis.redisproc import RedisProcess, free_port
+    from hetis.mesh.redisproc import RedisProcess, free_port
     from hetis.up import LOCAL_HOST, LocalCluster, service_commands
     redis = RedisProcess()
     ns = SimpleNamespace(attn_workers=attn_workers, port=free_port(), redis_url=redis.url,
@@ -143,7 +145,7 @@ def main(argv=None) -> int:
     ap.add_argument("--mesh-threads", type=int, default=1,
                     help="torch threads per process in mesh_vs_engine (each mesh service and "
                     "the engine it is compared with; default %(default)s)")
-    ap.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
+    ap.add_argument("--dtype", choices=DTYPE_NAMES, default="bfloat16",
                     help="the engine's and the mesh's dtype (default %(default)s; the HF "
                     "baseline is float32 either way)")
     ap.add_argument("--out-dir", default=str(OUT), help="default %(default)s")

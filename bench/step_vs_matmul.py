@@ -25,6 +25,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from hetis.defaults import DTYPE_NAMES
+
 
 def matmuls_only(model, x: torch.Tensor) -> None:
     for L in model.layers:
@@ -91,7 +93,7 @@ def main(out_dir: str = "bench/results", dtype: str = "bfloat16", batch: int = 3
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    ap.add_argument("--dtype", default="bfloat16", choices=DTYPE_NAMES)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")

@@ -1,5 +1,5 @@
 """Hetis: serve LLMs on mixed GPU fleets; divide heterogeneous GPU pools fairly."""
-from hetis.sampling import SamplingParams
+from hetis.engine.sampling import SamplingParams
 
 __all__ = ["LLM", "SamplingParams", "Client", "AsyncClient", "RequestOutput"]
 __version__ = "0.1.0"

@@ -19,19 +19,20 @@ import os
 import sys
 import time
 
-DEFAULT_TARGET = "localhost:50051"
+from hetis import defaults
+from hetis.bench import cli as bench_cli
+from hetis.bench.cli import UsageError
+from hetis.defaults import DEFAULT_TARGET  # noqa: F401 - part of this module's API
+from hetis.mesh.flags import nonneg_int, port_number, positive_int
+
 CLI_MAX_TOKENS = 128  # a CLI reply of SamplingParams' 16 tokens is too short to read
-
-
-class UsageError(Exception):
-    """Bad command-line input found after parsing (exit 2)."""
 
 
 # ------------------------------------------------------------------ parser
 def _client_flags() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("connection")
-    g.add_argument("--target", default=os.environ.get("HETIS_TARGET") or DEFAULT_TARGET,
+    g.add_argument("--target", default=defaults.default_target(),
                    help="router host:port (default: $HETIS_TARGET, else %(default)s)"
                    if not os.environ.get("HETIS_TARGET") else "router host:port (default: %(default)s)")
     g.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
@@ -68,18 +69,20 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Start a private Redis (unless --redis-url), N attention "
                         "workers, a dense worker and the router as child processes; wait until "
                         "all are healthy; stop them all on Ctrl-C or SIGTERM.")
-    up.add_argument("--attn-workers", type=_nonneg_int, default=2, metavar="N",
+    up.add_argument("--attn-workers", type=nonneg_int, default=2, metavar="N",
                     help="attention workers (default %(default)s)")
-    up.add_argument("--port", type=_port, default=50051, help="router port (default %(default)s)")
+    up.add_argument("--port", type=port_number, default=defaults.ROUTER_PORT,
+                    help="router port (default %(default)s)")
     up.add_argument("--redis-url", default=None, metavar="URL",
                     help="use this Redis instead of starting a private one")
-    up.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    up.add_argument("--dtype", choices=defaults.DTYPE_NAMES, default=defaults.DEFAULT_DTYPE)
     up.add_argument("--model", default=None, metavar="M",
                     help=".gguf file or Hugging Face directory (default: SmolLM2-135M-Instruct)")
-    up.add_argument("--policy", choices=["hetis", "local-only", "round-robin"], default="hetis",
+    up.add_argument("--policy", choices=defaults.POLICIES, default=defaults.DEFAULT_POLICY,
                     help="head dispatch policy (default %(default)s)")
-    up.add_argument("--threads", type=_pos_int, default=1, metavar="T",
-                    help="torch threads per worker (default %(default)s)")
+    # one thread each by default: a local cluster shares this machine's cores among its workers
+    up.add_argument("--threads", type=positive_int, default=defaults.default_threads(fallback=1),
+                    metavar="T", help="torch threads per worker (default: $HETIS_THREADS, else 1)")
     up.add_argument("--log-dir", default=None, metavar="DIR",
                     help="where NAME.log of each service goes (default: a new temp dir)")
     up.add_argument("--startup-timeout", type=float, default=300.0, metavar="SECONDS",
@@ -108,145 +111,21 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Load the model into this process (hetis.LLM) and generate "
                           "for a few prompts and a chat; no cluster needed.")
     demo.add_argument("--model", default=None, metavar="M", help="default: SmolLM2-135M-Instruct")
-    demo.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    demo.add_argument("--max-tokens", type=_pos_int, default=32, metavar="N")
-    demo.add_argument("--threads", type=_pos_int, default=None, metavar="T",
+    demo.add_argument("--dtype", choices=defaults.DTYPE_NAMES, default=defaults.DEFAULT_DTYPE)
+    demo.add_argument("--max-tokens", type=positive_int, default=32, metavar="N")
+    demo.add_argument("--threads", type=positive_int, default=None, metavar="T",
                       help="torch threads (default: torch's choice)")
     demo.set_defaults(func=cmd_demo)
 
-    _bench_parser(sub)
-
-    try:
-        from hetis import allocate_cli
-    except ImportError as e:
-        msg = f"hetis allocate is not available: {e}"
-        alloc = sub.add_parser("allocate", help="(unavailable) divide a GPU pool among tenants")
-        alloc.add_argument("rest", nargs=argparse.REMAINDER)
-        alloc.set_defaults(func=lambda args: _fail(msg))
-    else:
-        allocate_cli.add_parser(sub)  # sets func=allocate_cli.run
+    bench_cli.add_parser(sub)     # sets func=bench_cli.cmd_bench
+    from hetis.allocator import cli as allocate_cli
+    allocate_cli.add_parser(sub)  # sets func=allocate_cli.run
     return ap
-
-
-def _bench_parser(sub) -> None:
-    b = sub.add_parser("bench", help="serving benchmark: latency and throughput",
-                       description="Send a workload to a running cluster (--target) or to the "
-                       "in-process engine (--engine local) at a given arrival process and "
-                       "report TTFT, TPOT, ITL, end-to-end latency, throughput and goodput, "
-                       "like vLLM's benchmark_serving. See docs/cli.md.")
-    g = b.add_argument_group("target")
-    g.add_argument("--target", default=None, metavar="HOST:PORT",
-                   help="a running cluster's router (default: $HETIS_TARGET, else "
-                   f"{DEFAULT_TARGET}, unless --engine local)")
-    g.add_argument("--engine", choices=["local"], default=None,
-                   help="'local': benchmark the in-process engine (hetis.LLM) instead")
-    g.add_argument("--model", default=None, metavar="M",
-                   help=".gguf file or HF directory (default: SmolLM2-135M-Instruct); with "
-                   "--target it only provides the tokenizer and must be the cluster's")
-    g.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                   help="local engine's dtype (default %(default)s)")
-    g.add_argument("--placement", type=_placement, default=None, metavar="B,B,..",
-                   help="local engine: head group -> in-process backend, e.g. 0,1,2")
-    g.add_argument("--threads", type=_pos_int, default=None, metavar="T",
-                   help="torch threads of this process: the local engine and the baseline "
-                   "(default: all cores)")
-    g.add_argument("--max-num-seqs", type=_pos_int, default=64, metavar="N",
-                   help="local engine: sequences per step at most (default %(default)s)")
-    g.add_argument("--max-num-batched-tokens", type=_pos_int, default=1024, metavar="N",
-                   help="local engine: tokens per step at most (default %(default)s)")
-    g.add_argument("--max-model-len", type=_pos_int, default=2048, metavar="N",
-                   help="local engine: prompt + output tokens at most (default %(default)s)")
-    g.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
-                   help="--target: deadline per request (default 600 s)")
-    g = b.add_argument_group("workload")
-    g.add_argument("--dataset", choices=["random", "sharegpt-synth"], default="random",
-                   help="request lengths (default %(default)s)")
-    g.add_argument("--num-prompts", type=_pos_int, default=64, metavar="N",
-                   help="requests to send (default %(default)s)")
-    g.add_argument("--random-input-len", type=_pos_int, default=256, metavar="N",
-                   help="random: mean prompt length (default %(default)s)")
-    g.add_argument("--random-output-len", type=_pos_int, default=128, metavar="N",
-                   help="random: mean output length (default %(default)s)")
-    g.add_argument("--random-range-ratio", type=float, default=0.0, metavar="R",
-                   help="random: lengths uniform in [L*(1-R), L*(1+R)], 0 <= R < 1 "
-                   "(default %(default)s)")
-    g.add_argument("--input-len-min", type=_pos_int, default=None, metavar="N",
-                   help="random: prompt lengths uniform in [min, max] instead")
-    g.add_argument("--input-len-max", type=_pos_int, default=None, metavar="N")
-    g.add_argument("--ignore-eos", action="store_true",
-                   help="generate exactly the output length (implied by --baseline)")
-    g.add_argument("--temperature", type=float, default=0.0, metavar="T",
-                   help="sampling temperature (default 0: greedy)")
-    g.add_argument("--seed", type=int, default=0, help="workload and arrivals (default 0)")
-    g = b.add_argument_group("arrivals")
-    g.add_argument("--request-rate", type=_rate, default=float("inf"), metavar="R",
-                   help="requests per second; 'inf' sends all at once (default)")
-    g.add_argument("--burstiness", type=float, default=1.0, metavar="B",
-                   help="gamma shape of the gaps: 1 Poisson, < 1 burstier, > 1 more regular")
-    g.add_argument("--max-concurrency", type=_pos_int, default=None, metavar="N",
-                   help="requests in flight at most (default: unlimited)")
-    g = b.add_argument_group("metrics and output")
-    g.add_argument("--goodput", nargs="+", default=None, metavar="NAME:MS",
-                   help="SLOs for goodput, e.g. ttft:500 tpot:50 e2el:10000")
-    g.add_argument("--metric-percentiles", default="50,90,99", metavar="P,P",
-                   help="percentiles to report (default %(default)s)")
-    g.add_argument("--out", default=None, metavar="FILE.json", help="write the results as JSON")
-    g.add_argument("--plot", default=None, metavar="FILE.png", help="plot latency CDFs etc.")
-    g.add_argument("--disable-tqdm", action="store_true", help="no progress bar")
-    g.add_argument("--no-warmup", action="store_true",
-                   help="skip the untimed warm-up request")
-    g = b.add_argument_group("baseline")
-    g.add_argument("--baseline", choices=["hf"], default=None,
-                   help="'hf': also run transformers generate on the same requests")
-    g.add_argument("--baseline-batch", type=_pos_int, default=8, metavar="N",
-                   help="static batch size of the baseline (default %(default)s)")
-    b.set_defaults(func=cmd_bench)
-
-
-def _placement(s: str) -> list[int]:
-    try:
-        return [int(x) for x in s.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be comma-separated backend indices, e.g. 0,1,2 "
-                                         f"(got {s})") from None
-
-
-def _rate(s: str) -> float:
-    v = float(s)
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0 or inf (got {s})")
-    return v
-
-
-def _pos_int(s: str) -> int:
-    v = int(s)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1 (got {s})")
-    return v
-
-
-def _nonneg_int(s: str) -> int:
-    v = int(s)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0 (got {s})")
-    return v
-
-
-def _port(s: str) -> int:
-    v = int(s)
-    if not 1 <= v <= 65535:
-        raise argparse.ArgumentTypeError(f"must be a port number 1..65535 (got {s})")
-    return v
-
-
-def _fail(msg: str) -> int:
-    print(msg, file=sys.stderr)
-    return 1
 
 
 def sampling_kwargs(args) -> dict:
     """The sampling flags that were given, checked like SamplingParams (UsageError if bad)."""
-    from hetis.client import InvalidArgument, sampling_proto
+    from hetis.engine.sampling import ParamError, SamplingParams
     kw = {"max_tokens": args.max_tokens}
     for name in ("temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids"):
         if getattr(args, name) is not None:
@@ -254,10 +133,9 @@ def sampling_kwargs(args) -> dict:
     if args.ignore_eos:
         kw["ignore_eos"] = True
     try:
-        sampling_proto(kw)
-    except InvalidArgument as e:
-        name, _, why = e.details.partition(": ")
-        raise UsageError(f"--{name.replace('_', '-')}: {why}") from None
+        SamplingParams(**kw)
+    except ParamError as e:  # the flag has the field's name
+        raise UsageError(f"--{e.param.replace('_', '-')}: {e.reason}") from None
     return kw
 
 
@@ -397,32 +275,6 @@ def cmd_demo(args) -> int:
     print(f"{len(outs) + 1} requests, {n} tokens generated in {dt:.2f}s: {n / dt:.1f} tok/s "
           f"(greedy, batched, in-process)")
     return 0
-
-
-def cmd_bench(args) -> int:
-    if args.engine and args.target:
-        raise UsageError("give --target (a cluster) or --engine local, not both")
-    if not args.engine:
-        args.target = os.environ.get("HETIS_TARGET") or DEFAULT_TARGET
-    if args.engine != "local":
-        local_only = [f for f, v, d in [("--placement", args.placement, None),
-                                        ("--dtype", args.dtype, "float32")] if v != d]
-        if local_only:
-            raise UsageError(f"{', '.join(local_only)}: only with --engine local")
-    if args.burstiness <= 0:
-        raise UsageError(f"--burstiness: must be > 0 (got {args.burstiness})")
-    from hetis.bench.runner import run
-    try:
-        result = run(args, log=lambda msg: print(msg, file=sys.stderr))
-    except ValueError as e:
-        from hetis.client import HetisError
-        if isinstance(e, HetisError):  # the server's InvalidArgument: exit 1 like other commands
-            raise
-        name, _, why = str(e).partition(": ")
-        if why and name.replace("_", "").isalnum():
-            raise UsageError(f"--{name.replace('_', '-')}: {why}") from None
-        raise UsageError(str(e)) from None
-    return 0 if result["completed"] else 1
 
 
 def _one_line(e) -> str:

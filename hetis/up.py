@@ -15,7 +15,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-from hetis.redisproc import RedisProcess, free_port
+from hetis.mesh.redisproc import RedisProcess, free_port
 
 LOCAL_HOST = "127.0.0.1"
 STOP_GRACE = 10.0  # seconds between SIGTERM and SIGKILL (services drain for 5 s)

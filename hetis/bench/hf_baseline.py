@@ -23,6 +23,8 @@ import uuid
 
 import torch
 
+from hetis.engine.sampling import ParamError
+
 
 def _cache_dir(path: str, transformers_version: str) -> str | None:
     root = os.environ.get("HETIS_CACHE_DIR") or os.path.expanduser("~/.cache/hetis")
@@ -41,7 +43,7 @@ def load_hf_model(model: str | None = None):
     except ImportError:
         raise RuntimeError("--baseline hf needs transformers and accelerate "
                            "(pip install -e '.[test]')") from None
-    from hetis.loader import resolve_model
+    from hetis.model.loader import resolve_model
     path = resolve_model(model)
     auto = transformers.AutoModelForCausalLM
     if os.path.isdir(path):
@@ -90,7 +92,7 @@ def run_hf_baseline(requests, model, batch_size: int = 8, pad_token_id: int = 0,
                     progress: bool = False, warmup: bool = True) -> dict:
     """Generate for ``requests`` (``BenchRequest``s) in static batches; throughput and latency."""
     if batch_size < 1:
-        raise ValueError(f"baseline_batch: must be >= 1 (got {batch_size})")
+        raise ParamError("baseline_batch", f"must be >= 1 (got {batch_size})")
     batches = [requests[i:i + batch_size] for i in range(0, len(requests), batch_size)]
     if warmup and requests:
         _generate(model, [requests[0].prompt_token_ids[:8]], 2, pad_token_id)

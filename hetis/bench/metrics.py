@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from hetis.engine.sampling import ParamError
+
 PERCENTILES = (50, 90, 99)
 SLO_METRICS = ("ttft", "tpot", "e2el")
 
@@ -44,14 +46,14 @@ def parse_goodput(items: list[str] | None) -> dict[str, float]:
     for item in items or []:
         name, sep, value = item.partition(":")
         if not sep or name not in SLO_METRICS:
-            raise ValueError(f"goodput: {item!r} is not NAME:MS with NAME one of "
+            raise ParamError("goodput", f"{item!r} is not NAME:MS with NAME one of "
                              f"{', '.join(SLO_METRICS)}")
         try:
             v = float(value)
         except ValueError:
-            raise ValueError(f"goodput: {item!r}: {value!r} is not a number") from None
+            raise ParamError("goodput", f"{item!r}: {value!r} is not a number") from None
         if v < 0:
-            raise ValueError(f"goodput: {item!r}: the SLO must be >= 0 ms")
+            raise ParamError("goodput", f"{item!r}: the SLO must be >= 0 ms")
         out[name] = v
     return out
 

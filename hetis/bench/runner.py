@@ -16,6 +16,7 @@ import numpy as np
 
 from hetis.bench.metrics import RequestResult, compute_metrics, parse_goodput
 from hetis.bench.workloads import arrival_offsets, build_workload, tokenizer_token_ids
+from hetis.engine.sampling import ParamError
 
 
 def run_requests(target, requests, request_rate: float = math.inf, burstiness: float = 1.0,
@@ -163,8 +164,8 @@ def parse_percentiles(s: str) -> tuple[float, ...]:
     try:
         ps = tuple(float(x) for x in str(s).split(",") if x.strip())
     except ValueError:
-        raise ValueError(f"metric_percentiles: {s!r} is not a comma-separated list of numbers") \
+        raise ParamError("metric_percentiles", f"{s!r} is not a comma-separated list of numbers") \
             from None
     if not ps or any(not 0 < p < 100 for p in ps):
-        raise ValueError(f"metric_percentiles: each must be in (0, 100) (got {s!r})")
+        raise ParamError("metric_percentiles", f"each must be in (0, 100) (got {s!r})")
     return ps

@@ -9,6 +9,8 @@ from __future__ import annotations
 import queue
 from typing import Iterator
 
+from hetis.engine.sampling import ParamError
+
 LOCAL_MAX_QUEUE = 1 << 30   # the benchmark holds its own arrivals; never refuse one
 
 
@@ -22,7 +24,7 @@ class LocalTarget:
                  max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
                  temperature: float = 0.0, ignore_eos: bool = False):
         from hetis import LLM
-        from hetis.serving import ServingLoop
+        from hetis.engine.serving import ServingLoop
         self.llm = LLM(model=model, dtype=dtype, placement=placement, max_num_seqs=max_num_seqs,
                        max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len)
         self.tokenizer = self.llm.tokenizer
@@ -30,10 +32,10 @@ class LocalTarget:
         self.temperature, self.ignore_eos = temperature, ignore_eos
         self.core = ServingLoop(self.llm.engine, LOCAL_MAX_QUEUE).start()
         self.description = {"target": "engine", "dtype": dtype,
-                            "placement": list(self.llm.placement)}
+                            "placement": list(self.llm.placement or [])}
 
     def stream(self, request_id: str, prompt_token_ids: list[int], output_len: int) -> Iterator[int]:
-        from hetis.sampling import SamplingParams
+        from hetis.engine.sampling import SamplingParams
         params = SamplingParams(temperature=self.temperature, max_tokens=output_len,
                                 ignore_eos=self.ignore_eos)
         q = self.core.submit(request_id, prompt_token_ids, params, None)
@@ -65,13 +67,13 @@ class ClusterTarget:
     def __init__(self, target: str, model: str | None, timeout: float | None,
                  temperature: float = 0.0, ignore_eos: bool = False):
         from hetis.client import Client
-        from hetis.loader import load_meta
+        from hetis.model.loader import load_meta
         self.client = Client(target, timeout=timeout)
         info = self.client.model_info()
         _, self.tokenizer = load_meta(model)   # for the ordinary token ids of the prompts
         if self.tokenizer.vocab_size != info["vocab_size"]:
             self.client.close()
-            raise ValueError(f"model: the local tokenizer has {self.tokenizer.vocab_size} tokens, "
+            raise ParamError("model", f"the local tokenizer has {self.tokenizer.vocab_size} tokens, "
                              f"the cluster's model {info['vocab_size']}; pass the cluster's --model")
         self.max_model_len = info["max_model_len"]
         self.temperature, self.ignore_eos, self.timeout = temperature, ignore_eos, timeout

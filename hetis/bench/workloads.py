@@ -31,6 +31,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from hetis.engine.sampling import ParamError
+
 SHAREGPT_MEAN_INPUT = 161.31    # vLLM paper (SOSP'23), Fig. 11, ShareGPT
 SHAREGPT_MEAN_OUTPUT = 337.99
 SHAREGPT_SIGMA = 1.0            # assumed log-space std (not a published fit)
@@ -52,7 +54,7 @@ def random_lengths(n: int, input_len: int, output_len: int, range_ratio: float,
                    input_len_max: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(input lengths, output lengths), uniform as in vLLM's random dataset."""
     if not 0 <= range_ratio < 1:
-        raise ValueError(f"random_range_ratio: must be in [0, 1) (got {range_ratio})")
+        raise ParamError("random_range_ratio", f"must be in [0, 1) (got {range_ratio})")
     if input_len_min is not None or input_len_max is not None:
         lo = input_len_min if input_len_min is not None else input_len_max
         hi = input_len_max if input_len_max is not None else input_len_min
@@ -75,7 +77,7 @@ def sharegpt_synth_lengths(n: int, rng: np.random.Generator, max_model_len: int,
                            sigma: float = SHAREGPT_SIGMA) -> tuple[np.ndarray, np.ndarray]:
     """ShareGPT-like (input, output) lengths; see the module docstring for the source."""
     if max_model_len < 2 * MIN_LEN:
-        raise ValueError(f"max_model_len: {max_model_len} is too small for sharegpt-synth")
+        raise ParamError("max_model_len", f"{max_model_len} is too small for sharegpt-synth")
     inp = np.rint(rng.lognormal(lognormal_mu(SHAREGPT_MEAN_INPUT, sigma), sigma, size=n))
     out = np.rint(rng.lognormal(lognormal_mu(SHAREGPT_MEAN_OUTPUT, sigma), sigma, size=n))
     inp = np.clip(inp, MIN_LEN, max_model_len // 2).astype(np.int64)
@@ -117,7 +119,7 @@ def build_workload(args, token_ids: np.ndarray, max_model_len: int) -> list[Benc
     elif args.dataset == "sharegpt-synth":
         inp, out = sharegpt_synth_lengths(args.num_prompts, rng, max_model_len)
     else:
-        raise ValueError(f"dataset: unknown {args.dataset!r}")
+        raise ParamError("dataset", f"unknown {args.dataset!r}")
     return make_requests(inp, out, token_ids, rng)
 
 
@@ -130,9 +132,9 @@ def arrival_offsets(n: int, request_rate: float, burstiness: float = 1.0,
     regular), as in vLLM's benchmark_serving. ``request_rate`` inf: all at 0.
     """
     if burstiness <= 0:
-        raise ValueError(f"burstiness: must be > 0 (got {burstiness})")
+        raise ParamError("burstiness", f"must be > 0 (got {burstiness})")
     if request_rate <= 0:
-        raise ValueError(f"request_rate: must be > 0 (got {request_rate})")
+        raise ParamError("request_rate", f"must be > 0 (got {request_rate})")
     if math.isinf(request_rate) or n == 0:
         return np.zeros(n)
     rng = rng if rng is not None else np.random.default_rng()

@@ -2,10 +2,12 @@
 
 Serves gRPC ``hetis.v1.Allocator`` (plus grpc.health.v1 and reflection) and
 Prometheus metrics; keeps inventory, tenants and round state in Redis, so a
-restarted allocator resumes where it stopped.
+restarted allocator resumes where it stopped. The allocator itself is the library's
+(hetis/allocator/, docs/allocator.md); this folder is flags -> AllocatorConfig ->
+runtime -> servicer.
 
 Flags:
-  --port PORT               gRPC port (default 50061)
+  --port PORT               gRPC port (default 50081)
   --redis-url URL           Redis holding the state (default $HETIS_REDIS_URL or
                             redis://localhost:6379/0)
   --redis-prefix PREFIX     key prefix (default hetis:allocator:)
@@ -20,49 +22,53 @@ Flags:
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-from hetis.service import serve, setup_logging
+from hetis.allocator.modes import MODES
+from hetis.allocator.runtime import AllocatorConfig
+from hetis.mesh.service import serve, setup_logging
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    from .modes import MODES
+def parse_args(argv=None) -> AllocatorConfig:
+    d = AllocatorConfig()
     ap = argparse.ArgumentParser(prog="python -m services.allocator", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--port", type=int, default=50061)
-    ap.add_argument("--redis-url", default=os.environ.get("HETIS_REDIS_URL", "redis://localhost:6379/0"))
-    ap.add_argument("--redis-prefix", default="hetis:allocator:")
-    ap.add_argument("--mode", choices=list(MODES), default="cooperative")
-    ap.add_argument("--metrics-port", type=int, default=9461)
-    ap.add_argument("--round-seconds", type=float, default=60.0)
-    ap.add_argument("--debounce-seconds", type=float, default=0.5)
-    ap.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    args = ap.parse_args(argv)
-    if args.round_seconds <= 0 or args.debounce_seconds < 0:
-        ap.error("--round-seconds must be > 0 and --debounce-seconds >= 0")
-    return args
+    ap.add_argument("--port", type=int, default=d.port)
+    ap.add_argument("--redis-url", default=d.redis_url)
+    ap.add_argument("--redis-prefix", default=d.redis_prefix)
+    ap.add_argument("--mode", choices=MODES, default=d.mode)
+    ap.add_argument("--metrics-port", type=int, default=d.metrics_port)
+    ap.add_argument("--round-seconds", type=float, default=d.round_seconds)
+    ap.add_argument("--debounce-seconds", type=float, default=d.debounce_seconds)
+    ap.add_argument("--log-level", default=d.log_level, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    try:
+        return AllocatorConfig(**vars(ap.parse_args(argv)))
+    except ValueError as e:
+        ap.error(str(e))
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    setup_logging(args.log_level)
+    cfg = parse_args(argv)
+    setup_logging(cfg.log_level)
     import redis
 
+    from hetis.allocator.runtime import AllocatorRuntime
+    from hetis.allocator.store import Store
     from hetis.v1 import allocator_pb2_grpc
-    from .server import Allocator
-    from .store import Store
 
-    store = Store(args.redis_url, args.redis_prefix)
+    from .server import Allocator
+
+    store = Store(cfg.redis_url, cfg.redis_prefix)
     try:
         store.ping()
     except redis.exceptions.RedisError as e:
-        print(f"allocator: cannot reach Redis at {args.redis_url}: {e}", file=sys.stderr)
+        print(f"allocator: cannot reach Redis at {cfg.redis_url}: {e}", file=sys.stderr)
         return 1
-    impl = Allocator(store, args.mode, args.round_seconds, args.debounce_seconds)
-    serve(name="allocator", port=args.port, metrics_port=args.metrics_port,
+    runtime = AllocatorRuntime(store, cfg)
+    impl = Allocator(runtime)
+    serve(name="allocator", port=cfg.port, metrics_port=cfg.metrics_port,
           register=[lambda s: allocator_pb2_grpc.add_AllocatorServicer_to_server(impl, s)],
-          service_names=["hetis.v1.Allocator"], on_stop=impl.close)
+          service_names=["hetis.v1.Allocator"], on_stop=runtime.close)
     return 0
 
 

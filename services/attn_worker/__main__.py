@@ -11,18 +11,21 @@ from __future__ import annotations
 
 import argparse
 
-from hetis.worker_common import add_common_flags
+from hetis import defaults
+from hetis.mesh.flags import WorkerConfig, add_worker_flags, from_args
+
+
+def parse(argv=None) -> WorkerConfig:
+    ap = argparse.ArgumentParser(prog="python -m services.attn_worker", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_worker_flags(ap, default_port=defaults.ATTN_WORKER_PORT)
+    return from_args(WorkerConfig, ap.parse_args(argv))
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m services.attn_worker", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_flags(ap, default_port=50071)
-    ap.add_argument("--kv-tokens", type=int, default=131072,
-                    help="KV capacity in tokens x head groups (default 131072)")
-    args = ap.parse_args(argv)
+    cfg = parse(argv)
     from services.attn_worker.server import run
-    run(args)
+    run(cfg)
 
 
 if __name__ == "__main__":

@@ -13,23 +13,26 @@ from __future__ import annotations
 
 import argparse
 
-from hetis.worker_common import add_common_flags
+from hetis import defaults
+from hetis.mesh.flags import DenseWorkerConfig, add_worker_flags, from_args, positive_int
+
+
+def parse(argv=None) -> DenseWorkerConfig:
+    ap = argparse.ArgumentParser(prog="python -m services.dense_worker", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_worker_flags(ap, default_port=defaults.DENSE_WORKER_PORT)
+    ap.add_argument("--model", default=None, help="GGUF file or HF directory (default: SmolLM2-135M)")
+    ap.add_argument("--dtype", default=defaults.DEFAULT_DTYPE, choices=defaults.DTYPE_NAMES)
+    ap.add_argument("--block-size", type=positive_int, default=16, help="KV block size in tokens")
+    ap.add_argument("--dist-port", type=int, default=0,
+                    help="torch.distributed rendezvous port (0: a free one)")
+    return from_args(DenseWorkerConfig, ap.parse_args(argv))
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m services.dense_worker", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_flags(ap, default_port=50061)
-    ap.add_argument("--model", default=None, help="GGUF file or HF directory (default: SmolLM2-135M)")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--kv-tokens", type=int, default=131072,
-                    help="KV capacity of this device in tokens x head groups (default 131072)")
-    ap.add_argument("--block-size", type=int, default=16, help="KV block size in tokens")
-    ap.add_argument("--dist-port", type=int, default=0,
-                    help="torch.distributed rendezvous port (0: a free one)")
-    args = ap.parse_args(argv)
+    cfg = parse(argv)
     from services.dense_worker.server import run
-    run(args)
+    run(cfg)
 
 
 if __name__ == "__main__":

@@ -13,39 +13,42 @@ from __future__ import annotations
 
 import argparse
 
-from hetis.dispatcher import POLICIES
+from hetis import defaults
+from hetis.mesh.flags import RouterConfig, from_args, nonneg_int, positive_int
 
 
-def main(argv=None) -> None:
-    from hetis.telemetry import DEFAULT_REDIS_URL
+def parse(argv=None) -> RouterConfig:
     ap = argparse.ArgumentParser(prog="python -m services.router", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--port", type=int, default=50051, help="public gRPC port")
+    ap.add_argument("--port", type=int, default=defaults.ROUTER_PORT, help="public gRPC port")
     ap.add_argument("--host", default="0.0.0.0", help="interface to bind")
-    ap.add_argument("--redis-url", default=DEFAULT_REDIS_URL, help="Redis (env HETIS_REDIS_URL)")
+    ap.add_argument("--redis-url", default=defaults.default_redis_url(),
+                    help="Redis (env HETIS_REDIS_URL)")
     ap.add_argument("--dense-worker", required=True, help="the dense worker's gRPC host:port")
-    ap.add_argument("--attn-workers", type=int, default=0,
+    ap.add_argument("--attn-workers", type=nonneg_int, default=0,
                     help="attention workers to wait for in Redis and connect (default 0)")
-    ap.add_argument("--policy", default="hetis", choices=POLICIES, help="head dispatch policy")
+    ap.add_argument("--policy", default=defaults.DEFAULT_POLICY, choices=defaults.POLICIES,
+                    help="head dispatch policy")
     ap.add_argument("--model", default=None,
                     help="model (for the tokenizer); must be the dense worker's (default: SmolLM2-135M)")
-    ap.add_argument("--max-num-seqs", type=int, default=64, help="sequences per step at most")
-    ap.add_argument("--max-num-batched-tokens", type=int, default=1024, help="tokens per step at most")
-    ap.add_argument("--max-model-len", type=int, default=2048, help="prompt + output tokens at most")
-    ap.add_argument("--max-queue", type=int, default=256,
+    ap.add_argument("--max-num-seqs", type=positive_int, default=64, help="sequences per step at most")
+    ap.add_argument("--max-num-batched-tokens", type=positive_int, default=1024,
+                    help="tokens per step at most")
+    ap.add_argument("--max-model-len", type=positive_int, default=2048,
+                    help="prompt + output tokens at most")
+    ap.add_argument("--max-queue", type=positive_int, default=256,
                     help="waiting requests beyond which new ones get RESOURCE_EXHAUSTED")
     ap.add_argument("--startup-timeout", type=float, default=300.0,
                     help="seconds to wait for the workers at start")
     ap.add_argument("--metrics-port", type=int, default=None, help="Prometheus port (0: free one)")
     ap.add_argument("--log-level", default="INFO")
-    args = ap.parse_args(argv)
-    for f in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "max_queue"):
-        if getattr(args, f) <= 0:
-            ap.error(f"--{f.replace('_', '-')}: must be positive")
-    if args.attn_workers < 0:
-        ap.error("--attn-workers: must be >= 0")
+    return from_args(RouterConfig, ap.parse_args(argv))
+
+
+def main(argv=None) -> None:
+    cfg = parse(argv)
     from services.router.server import run
-    run(args)
+    run(cfg)
 
 
 if __name__ == "__main__":

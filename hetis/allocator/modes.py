@@ -1,0 +1,30 @@
+"""Every allocation mode by name: the two OEF modes and the baselines.
+
+The names are plain strings so that naming them (the CLI's parser, the service's
+flags) loads neither numpy nor scipy; `solver` imports the mode asked for.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    from .problem import Allocation, Problem
+
+MODES = ("cooperative", "noncooperative", "max-min", "throughput-sum", "equal", "partial-allocation")
+
+
+def solver(mode: str) -> Callable[[Problem], Allocation]:
+    if mode not in MODES:
+        raise ValueError(f"mode: unknown {mode!r} (known: {', '.join(MODES)})")
+    if mode == "cooperative":
+        from .cooperative import cooperative
+        return cooperative
+    if mode == "noncooperative":
+        from .noncooperative import noncooperative
+        return noncooperative
+    from .baselines import BASELINES
+    return BASELINES[mode]
+
+
+def allocate(p: Problem, mode: str) -> Allocation:
+    return solver(mode)(p)

@@ -1,0 +1,131 @@
+"""`hetis bench`: its flags and the command (the benchmark itself is hetis/bench/runner.py)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from hetis.defaults import DEFAULT_DTYPE, DEFAULT_TARGET, DTYPE_NAMES, default_target
+from hetis.engine.sampling import ParamError
+from hetis.mesh.flags import positive_int
+
+
+class UsageError(Exception):
+    """Bad command-line input found after parsing (``hetis`` exits 2)."""
+
+
+def _placement(s: str) -> list[int]:
+    try:
+        return [int(x) for x in s.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated backend indices, e.g. 0,1,2 "
+                                         f"(got {s})") from None
+
+
+def _rate(s: str) -> float:
+    v = float(s)
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0 or inf (got {s})")
+    return v
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    b = sub.add_parser("bench", help="serving benchmark: latency and throughput",
+                       description="Send a workload to a running cluster (--target) or to the "
+                       "in-process engine (--engine local) at a given arrival process and "
+                       "report TTFT, TPOT, ITL, end-to-end latency, throughput and goodput, "
+                       "like vLLM's benchmark_serving. See docs/cli.md.")
+    g = b.add_argument_group("target")
+    g.add_argument("--target", default=None, metavar="HOST:PORT",
+                   help="a running cluster's router (default: $HETIS_TARGET, else "
+                   f"{DEFAULT_TARGET}, unless --engine local)")
+    g.add_argument("--engine", choices=["local"], default=None,
+                   help="'local': benchmark the in-process engine (hetis.LLM) instead")
+    g.add_argument("--model", default=None, metavar="M",
+                   help=".gguf file or HF directory (default: SmolLM2-135M-Instruct); with "
+                   "--target it only provides the tokenizer and must be the cluster's")
+    g.add_argument("--dtype", choices=DTYPE_NAMES, default=DEFAULT_DTYPE,
+                   help="local engine's dtype (default %(default)s)")
+    g.add_argument("--placement", type=_placement, default=None, metavar="B,B,..",
+                   help="local engine: head group -> in-process backend, e.g. 0,1,2")
+    g.add_argument("--threads", type=positive_int, default=None, metavar="T",
+                   help="torch threads of this process: the local engine and the baseline "
+                   "(default: all cores)")
+    g.add_argument("--max-num-seqs", type=positive_int, default=64, metavar="N",
+                   help="local engine: sequences per step at most (default %(default)s)")
+    g.add_argument("--max-num-batched-tokens", type=positive_int, default=1024, metavar="N",
+                   help="local engine: tokens per step at most (default %(default)s)")
+    g.add_argument("--max-model-len", type=positive_int, default=2048, metavar="N",
+                   help="local engine: prompt + output tokens at most (default %(default)s)")
+    g.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                   help="--target: deadline per request (default 600 s)")
+    g = b.add_argument_group("workload")
+    g.add_argument("--dataset", choices=["random", "sharegpt-synth"], default="random",
+                   help="request lengths (default %(default)s)")
+    g.add_argument("--num-prompts", type=positive_int, default=64, metavar="N",
+                   help="requests to send (default %(default)s)")
+    g.add_argument("--random-input-len", type=positive_int, default=256, metavar="N",
+                   help="random: mean prompt length (default %(default)s)")
+    g.add_argument("--random-output-len", type=positive_int, default=128, metavar="N",
+                   help="random: mean output length (default %(default)s)")
+    g.add_argument("--random-range-ratio", type=float, default=0.0, metavar="R",
+                   help="random: lengths uniform in [L*(1-R), L*(1+R)], 0 <= R < 1 "
+                   "(default %(default)s)")
+    g.add_argument("--input-len-min", type=positive_int, default=None, metavar="N",
+                   help="random: prompt lengths uniform in [min, max] instead")
+    g.add_argument("--input-len-max", type=positive_int, default=None, metavar="N")
+    g.add_argument("--ignore-eos", action="store_true",
+                   help="generate exactly the output length (implied by --baseline)")
+    g.add_argument("--temperature", type=float, default=0.0, metavar="T",
+                   help="sampling temperature (default 0: greedy)")
+    g.add_argument("--seed", type=int, default=0, help="workload and arrivals (default 0)")
+    g = b.add_argument_group("arrivals")
+    g.add_argument("--request-rate", type=_rate, default=float("inf"), metavar="R",
+                   help="requests per second; 'inf' sends all at once (default)")
+    g.add_argument("--burstiness", type=float, default=1.0, metavar="B",
+                   help="gamma shape of the gaps: 1 Poisson, < 1 burstier, > 1 more regular")
+    g.add_argument("--max-concurrency", type=positive_int, default=None, metavar="N",
+                   help="requests in flight at most (default: unlimited)")
+    g = b.add_argument_group("metrics and output")
+    g.add_argument("--goodput", nargs="+", default=None, metavar="NAME:MS",
+                   help="SLOs for goodput, e.g. ttft:500 tpot:50 e2el:10000")
+    g.add_argument("--metric-percentiles", default="50,90,99", metavar="P,P",
+                   help="percentiles to report (default %(default)s)")
+    g.add_argument("--out", default=None, metavar="FILE.json", help="write the results as JSON")
+    g.add_argument("--plot", default=None, metavar="FILE.png", help="plot latency CDFs etc.")
+    g.add_argument("--disable-tqdm", action="store_true", help="no progress bar")
+    g.add_argument("--no-warmup", action="store_true",
+                   help="skip the untimed warm-up request")
+    g = b.add_argument_group("baseline")
+    g.add_argument("--baseline", choices=["hf"], default=None,
+                   help="'hf': also run transformers generate on the same requests")
+    g.add_argument("--baseline-batch", type=positive_int, default=8, metavar="N",
+                   help="static batch size of the baseline (default %(default)s)")
+    b.set_defaults(func=cmd_bench)
+    return b
+
+
+def cmd_bench(args) -> int:
+    if args.engine and args.target:
+        raise UsageError("give --target (a cluster) or --engine local, not both")
+    if not args.engine and not args.target:
+        args.target = default_target()
+    if args.engine != "local":
+        local_only = [f for f, v, d in [("--placement", args.placement, None),
+                                        ("--dtype", args.dtype, DEFAULT_DTYPE)] if v != d]
+        if local_only:
+            raise UsageError(f"{', '.join(local_only)}: only with --engine local")
+    if args.burstiness <= 0:
+        raise UsageError(f"--burstiness: must be > 0 (got {args.burstiness})")
+    from hetis.bench.runner import run
+    try:
+        result = run(args, log=lambda msg: print(msg, file=sys.stderr))
+    except ParamError as e:  # a bad flag value, named by the flag's field
+        raise UsageError(f"--{e.param.replace('_', '-')}: {e.reason}") from None
+    except ValueError as e:
+        from hetis.client import HetisError
+        if isinstance(e, HetisError):  # the server's InvalidArgument: exit 1 like other commands
+            raise
+        raise UsageError(str(e)) from None
+    return 0 if result["completed"] else 1
+
+

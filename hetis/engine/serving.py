@@ -1,0 +1,187 @@
+"""The serving loop: an ``Engine`` stepped by one thread, requests in and out through queues.
+
+The router runs it over a remote dense worker; ``hetis bench --engine local``
+runs it over ``hetis.LLM``'s in-process engine. All engine state is touched by
+the loop thread only; callers talk to it through a command queue and read
+their request's output queue (``StepOutput`` objects, or an Exception).
+Whoever needs to read engine state (cluster status) asks the loop thread with
+:meth:`ServingLoop.call`, which runs a function between two steps.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Callable
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from hetis.engine.engine import Engine
+from hetis.engine.sampling import SamplingParams
+from hetis.engine.step import StepFailed
+
+log = logging.getLogger("hetis.serving")
+
+RUNNING = Gauge("hetis:num_requests_running", "requests in the running batch")
+WAITING = Gauge("hetis:num_requests_waiting", "requests waiting to be scheduled")
+PROMPT_TOKENS = Counter("hetis:prompt_tokens_total", "prompt tokens admitted")
+GEN_TOKENS = Counter("hetis:generation_tokens_total", "tokens generated")
+SUCCESS = Counter("hetis:request_success_total", "finished requests", ["finished_reason"])
+PREEMPTIONS = Counter("hetis:num_preemptions_total", "preemptions by recompute")
+TTFT = Histogram("hetis:time_to_first_token_seconds", "time to first token",
+                 buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
+E2E = Histogram("hetis:e2e_request_latency_seconds", "request latency",
+                buckets=(.1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120))
+
+
+@dataclass
+class _Add:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    prompt: str | None
+    out: "queue.Queue"
+    done: Future = field(default_factory=Future)
+
+
+@dataclass
+class _Call:
+    fn: Callable[[Engine], object]
+    done: Future = field(default_factory=Future)
+
+
+class QueueFull(Exception):
+    pass
+
+
+class ServingLoop:
+    """Runs ``engine.step()`` in a loop; requests come and go through queues."""
+
+    def __init__(self, engine: Engine, max_queue: int):
+        self.engine, self.max_queue = engine, max_queue
+        self.commands: queue.Queue = queue.Queue()
+        self.outputs: dict[str, queue.Queue] = {}
+        self.wake = threading.Event()
+        self.stopped = threading.Event()
+        self.error: str | None = None
+        self.thread = threading.Thread(target=self._loop, name="serving-loop", daemon=True)
+        self.lock = threading.Lock()
+        self._preemptions = 0
+        self.pending_adds = 0
+
+    def start(self) -> "ServingLoop":
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.wake.set()
+        self.thread.join(timeout=10)
+
+    # ------------------------------------------------------------ called by handlers
+    def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+               prompt: str | None) -> "queue.Queue":
+        """Queue a request; raises ValueError (bad input) or QueueFull."""
+        if self.error:
+            raise RuntimeError(self.error)
+        cmd = _Add(request_id, prompt_ids, params, prompt, queue.Queue())
+        with self.lock:
+            if len(self.engine.scheduler.waiting) + self.pending_adds >= self.max_queue:
+                raise QueueFull(f"queue is full ({self.max_queue} waiting requests); retry later")
+            self.pending_adds += 1
+            self.commands.put(cmd)
+        self.wake.set()
+        # admission happens between steps; re-raises the engine's validation error
+        cmd.done.result(timeout=600)
+        return cmd.out
+
+    def abort(self, request_id: str) -> None:
+        self.commands.put(("abort", request_id))
+        self.wake.set()
+
+    def call(self, fn: Callable[[Engine], object], timeout: float = 30.0):
+        """``fn(engine)`` run on the loop thread between steps; its result (or exception)."""
+        if not self.thread.is_alive():
+            raise RuntimeError("the serving loop is not running")
+        cmd = _Call(fn)
+        self.commands.put(cmd)
+        self.wake.set()
+        return cmd.done.result(timeout=timeout)
+
+    # ------------------------------------------------------------ the loop
+    def _drain(self) -> None:
+        while True:
+            try:
+                cmd = self.commands.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(cmd, _Add):
+                with self.lock:
+                    self.pending_adds -= 1
+                try:
+                    self.engine.add_request(cmd.request_id, cmd.prompt_ids, cmd.params, cmd.prompt)
+                except Exception as e:  # noqa: BLE001 - reported to the caller
+                    cmd.done.set_exception(e)
+                    continue
+                PROMPT_TOKENS.inc(len(cmd.prompt_ids))
+                self.outputs[cmd.request_id] = cmd.out
+                cmd.done.set_result(True)
+            elif isinstance(cmd, _Call):
+                try:
+                    cmd.done.set_result(cmd.fn(self.engine))
+                except Exception as e:  # noqa: BLE001 - reported to the caller
+                    cmd.done.set_exception(e)
+            else:
+                _, rid = cmd
+                if self.engine.abort(rid):
+                    log.info("aborted %s", rid)
+                self.outputs.pop(rid, None)
+
+    def _loop(self) -> None:
+        eng = self.engine
+        while not self.stopped.is_set():
+            self._drain()
+            self._gauges()  # also after aborts, which change the batch without a step
+            if not eng.has_unfinished():
+                self._step_safely(eng.flush_freed)  # tell the workers what was freed, then idle
+                self.wake.wait(0.5)
+                self.wake.clear()
+                continue
+            outs = self._step_safely(eng.step)
+            if outs is None:
+                continue
+            self._gauges()
+            n = eng.scheduler.num_preemptions
+            PREEMPTIONS.inc(n - self._preemptions)
+            self._preemptions = n
+            for o in outs:
+                q = self.outputs.get(o.seq.request_id)
+                GEN_TOKENS.inc(len(o.new_token_ids))
+                if q is not None:
+                    q.put(o)
+                if o.finished:
+                    self.outputs.pop(o.seq.request_id, None)
+                    eng.release(o.seq)
+                    SUCCESS.labels(o.seq.finish_reason).inc()
+                    E2E.observe(time.monotonic() - o.seq.arrival)
+                if o.new_token_ids and len(o.seq.output_token_ids) == 1:
+                    TTFT.observe(o.seq.first_token_time - o.seq.arrival)
+
+    def _gauges(self) -> None:
+        RUNNING.set(len(self.engine.scheduler.running))
+        WAITING.set(len(self.engine.scheduler.waiting))
+
+    def _step_safely(self, fn):
+        try:
+            return fn()
+        except StepFailed as e:
+            # the executor failed this step: fail the requests in flight, keep serving
+            msg = str(e)
+            log.error(msg)
+            for rid in list(self.outputs):
+                self.outputs.pop(rid).put(RuntimeError(msg))
+                self.engine.abort(rid)
+            return None

@@ -1,0 +1,71 @@
+"""The step: one plain value from the scheduler to whatever executes it.
+
+As vLLM's ``SchedulerOutput``, a step says everything an executor needs and
+nothing it must look up: which tokens of which sequences to compute
+(``chunks``), which attention work each backend does for them (``work``:
+backend b's ``AttnItem`` list, item-major in chunk order), and which
+sequences' KV was freed since the last step (``freed``: backends drop them).
+``hetis.LLM`` hands it to an in-process executor; the router sends it to a
+dense worker as one ``StepRequest`` (hetis/mesh/wire.py converts both ways).
+
+An executor is anything with ``execute(step) -> list[int]`` (one sampled token
+per chunk with ``sample``, in order) and ``last_times``; one that cannot run a
+step raises ``StepFailed``, and the serving loop fails the requests in flight.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from hetis.engine.sampling import SamplingParams
+
+if TYPE_CHECKING:  # the step is plain data; torch loads only where tensors are made
+    import torch
+
+
+@dataclass
+class AttnItem:
+    """One (sequence, head group)'s attention work on one backend in one step."""
+    seq_id: int
+    group: int
+    start: int          # tokens of this (sequence, group) already in the cache
+    num_new: int        # tokens appended this step
+    blocks: list[int]   # block table; covers start + num_new tokens
+
+
+@dataclass
+class StepChunk:
+    """One sequence's share of a step: tokens [start, start + len(token_ids))."""
+    seq_id: int
+    start: int
+    token_ids: list[int]
+    sample: bool = False              # the chunk reaches the last known token: sample one
+    params: SamplingParams | None = None
+    generator: "torch.Generator | None" = None
+
+
+@dataclass
+class Step:
+    chunks: list[StepChunk]
+    work: list[list[AttnItem]]        # per backend
+    freed: list[int] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(c.token_ids) for c in self.chunks)
+
+
+@dataclass
+class StepTimes:
+    """Where an executed step's time went (seconds)."""
+    total: float = 0.0
+    local_attn: float = 0.0
+    exchange_wait: float = 0.0
+
+    @property
+    def dense(self) -> float:
+        return self.total - self.local_attn - self.exchange_wait
+
+
+class StepFailed(RuntimeError):
+    """The executor could not run a step (e.g. a dense worker failed it)."""

@@ -1,0 +1,151 @@
+"""Redis: discovery, liveness and telemetry of the mesh. Never on the per-layer path.
+
+Key schema (all keys under the prefix ``hetis:``, configurable for shared Redis):
+
+=================================  ======  ==========================================
+key                                type    contents
+=================================  ======  ==========================================
+``hetis:workers``                  set     ids of every registered worker
+``hetis:worker:{id}``              hash    kind ("dense"|"attention"), address (gRPC
+                                           host:port), device, kv_tokens (capacity in
+                                           tokens x head groups), pid, started (unix s)
+``hetis:alive:{id}``               string  heartbeat; expires after ``ttl`` seconds
+                                           (default 6 s, refreshed every ttl/3)
+``hetis:telemetry:{id}``           hash    kv_used_tokens, resident (JSON
+                                           {seq_id: [groups]}), cost_per_token and
+                                           cost_per_group (attention seconds per
+                                           layer-step: per token x group read, per
+                                           group), steps, updated (unix s)
+=================================  ======  ==========================================
+
+A worker whose ``alive`` key has expired is dead to the router; its other keys
+stay until it deregisters or another worker registers under the same id.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+
+import redis
+
+from hetis.engine.step import AttnItem
+
+log = logging.getLogger("hetis.discovery")
+PREFIX = os.environ.get("HETIS_REDIS_PREFIX", "hetis")
+
+
+def k_workers() -> str:
+    return f"{PREFIX}:workers"
+
+
+def k_worker(wid: str) -> str:
+    return f"{PREFIX}:worker:{wid}"
+
+
+def k_alive(wid: str) -> str:
+    return f"{PREFIX}:alive:{wid}"
+
+
+def k_telemetry(wid: str) -> str:
+    return f"{PREFIX}:telemetry:{wid}"
+
+
+def connect(url: str) -> redis.Redis:
+    return redis.Redis.from_url(url, decode_responses=True, socket_timeout=5,
+                                socket_connect_timeout=5, health_check_interval=30)
+
+
+class Registration:
+    """Register a worker, heartbeat in the background, publish telemetry."""
+
+    def __init__(self, url: str, wid: str, kind: str, address: str, device: str, kv_tokens: int,
+                 ttl: float = 6.0, telemetry=None):
+        self.r, self.wid, self.ttl = connect(url), wid, ttl
+        self.telemetry = telemetry  # callable -> dict, published with each heartbeat
+        self.info = {"kind": kind, "address": address, "device": device, "kv_tokens": kv_tokens,
+                     "pid": os.getpid(), "started": time.time()}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"heartbeat-{wid}", daemon=True)
+
+    def start(self) -> "Registration":
+        p = self.r.pipeline()
+        p.delete(k_worker(self.wid), k_telemetry(self.wid))
+        p.hset(k_worker(self.wid), mapping=self.info)
+        p.sadd(k_workers(), self.wid)
+        p.set(k_alive(self.wid), "1", px=int(self.ttl * 1000))
+        p.execute()
+        self._thread.start()
+        return self
+
+    def publish(self, fields: dict) -> None:
+        data = {k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in fields.items()}
+        data["updated"] = time.time()
+        self.r.hset(k_telemetry(self.wid), mapping=data)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.ttl / 3):
+            try:
+                self.r.set(k_alive(self.wid), "1", px=int(self.ttl * 1000))
+                if self.telemetry is not None:
+                    self.publish(self.telemetry())
+            except redis.RedisError as e:  # Redis down: keep serving, retry next beat
+                log.warning("heartbeat for %s failed: %s", self.wid, e)
+
+    def stop(self) -> None:
+        self._stop.set()
+        try:
+            p = self.r.pipeline()
+            p.delete(k_alive(self.wid), k_worker(self.wid), k_telemetry(self.wid))
+            p.srem(k_workers(), self.wid)
+            p.execute()
+        except redis.RedisError:
+            pass
+
+
+def read_workers(r: redis.Redis) -> list[dict]:
+    """Every registered worker with its liveness and latest telemetry."""
+    ids = sorted(r.smembers(k_workers()))
+    p = r.pipeline()
+    for wid in ids:
+        p.hgetall(k_worker(wid))
+        p.exists(k_alive(wid))
+        p.hgetall(k_telemetry(wid))
+    res = p.execute()
+    out = []
+    for i, wid in enumerate(ids):
+        info, alive, tel = res[3 * i: 3 * i + 3]
+        if not info:
+            continue
+        w = {"id": wid, "alive": bool(alive), **info}
+        w["kv_tokens"] = int(w.get("kv_tokens", 0))
+        for key in ("kv_used_tokens", "steps"):
+            w[key] = int(float(tel.get(key, 0)))
+        for key in ("cost_per_token", "cost_per_group"):
+            w[key] = float(tel.get(key, 0.0))
+        w["resident"] = {int(s): g for s, g in json.loads(tel.get("resident", "{}")).items()}
+        out.append(w)
+    return out
+
+
+class Residency:
+    """What a device holds, as seen from the layouts it executes (for telemetry)."""
+
+    def __init__(self, block_size: int):
+        self.block_size = block_size
+        self.blocks: dict[int, dict[int, int]] = {}  # seq_id -> group -> blocks
+
+    def update(self, items: list[AttnItem], freed=()) -> None:
+        for s in freed:
+            self.blocks.pop(s, None)
+        for it in items:
+            self.blocks.setdefault(it.seq_id, {})[it.group] = len(it.blocks)
+
+    @property
+    def used_tokens(self) -> int:
+        return sum(n for gs in self.blocks.values() for n in gs.values()) * self.block_size
+
+    def groups(self) -> dict[int, list[int]]:
+        return {s: sorted(gs) for s, gs in self.blocks.items()}

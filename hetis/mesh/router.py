@@ -1,0 +1,195 @@
+"""The router's runtime: the engine over a dense worker, stepped by the serving loop.
+
+Start-up (:meth:`Router.start`): wait for the dense worker's ``Info``, wait for
+``attn_workers`` live attention workers in Redis, ask the dense worker to
+``Connect`` them into one tensor group, then build the engine with
+``build_engine`` over the devices the dense worker reports (its own and each
+attention worker, with measured link latency and bandwidth). The engine's
+executor is a :class:`RemoteExecutor`: each ``Step`` becomes one ``Step`` gRPC
+call. A background thread copies the workers' measured attention costs from
+Redis into the dispatcher's device models every second (online refinement).
+
+The public gRPC servicer (services/router/server.py) only maps calls to the
+methods here; the loop thread alone touches engine state (status is a
+snapshot taken between steps).
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, replace
+
+import grpc
+from prometheus_client import Counter
+
+from hetis.engine.config import EngineConfig
+from hetis.engine.engine import build_engine
+from hetis.engine.sampling import ParamError, SamplingParams
+from hetis.engine.serving import ServingLoop
+from hetis.engine.step import Step, StepFailed, StepTimes
+from hetis.mesh import wire
+from hetis.mesh.discovery import connect, read_workers
+from hetis.mesh.flags import RouterConfig
+from hetis.mesh.service import GRPC_OPTIONS
+from hetis.model.loader import load_meta
+from hetis.v1 import worker_pb2, worker_pb2_grpc
+
+log = logging.getLogger("hetis.router")
+STEP_TIME = Counter("hetis:step_seconds_total", "router step time by part", ["part"])
+
+
+@dataclass
+class StepStats:
+    """Where the router's steps spend their time (cumulative)."""
+    steps: int = 0
+    rpc_s: float = 0.0          # whole Step call as seen by the router
+    dense_total_s: float = 0.0  # inside the dense worker
+    dense_s: float = 0.0
+    local_attn_s: float = 0.0
+    exchange_wait_s: float = 0.0
+
+    def add(self, rpc_s: float, t: StepTimes) -> None:
+        self.steps += 1
+        self.rpc_s += rpc_s
+        self.dense_total_s += t.total
+        self.dense_s += t.dense
+        self.local_attn_s += t.local_attn
+        self.exchange_wait_s += t.exchange_wait
+        for part, v in (("step_call", rpc_s), ("dense_worker", t.total), ("dense_compute", t.dense),
+                        ("local_attn", t.local_attn), ("exchange_wait", t.exchange_wait)):
+            STEP_TIME.labels(part).inc(v)
+
+
+class RemoteExecutor:
+    """The executor interface (``execute(step)``), carried out by a dense worker over gRPC."""
+
+    def __init__(self, stub: worker_pb2_grpc.DenseWorkerStub, timeout: float = 120.0):
+        self.stub, self.timeout = stub, timeout
+        self.stats = StepStats()
+        self.last_times = StepTimes()
+        self._step_id = 0
+
+    def execute(self, step: Step) -> list[int]:
+        self._step_id += 1
+        t0 = time.perf_counter()
+        try:
+            resp = self.stub.Step(wire.step_to_proto(step, self._step_id), timeout=self.timeout)
+        except grpc.RpcError as e:
+            raise StepFailed(f"dense worker step failed: {e.code().name}: {e.details()}") from None
+        tokens, self.last_times = wire.step_result_from_proto(resp)
+        self.stats.add(time.perf_counter() - t0, self.last_times)
+        return tokens
+
+
+def _wait(what: str, fn, timeout: float, interval: float = 0.5):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            r = fn()
+            if r:
+                return r
+        except grpc.RpcError as e:
+            last = e.details()
+        time.sleep(interval)
+    raise SystemExit(f"router: timed out after {timeout:.0f}s waiting for {what}"
+                     + (f" ({last})" if last else ""))
+
+
+class Router:
+    def __init__(self, cfg: RouterConfig):
+        self.cfg = cfg
+        self.model_cfg, self.tokenizer = load_meta(cfg.model)
+        self.redis = connect(cfg.redis_url)
+        self._stop = threading.Event()
+
+    # ------------------------------------------------------------ start-up
+    def start(self) -> "Router":
+        cfg, mc = self.cfg, self.model_cfg
+        channel = grpc.insecure_channel(cfg.dense_worker, options=GRPC_OPTIONS)
+        dense = worker_pb2_grpc.DenseWorkerStub(channel)
+        info = _wait(f"the dense worker at {cfg.dense_worker}",
+                     lambda: dense.Info(worker_pb2.InfoRequest(), timeout=5), cfg.startup_timeout)
+        if (info.num_layers, info.num_kv_heads) != (mc.num_layers, mc.num_kv_heads):
+            raise SystemExit("router: --model differs from the dense worker's model")
+        addrs = [w["address"] for w in self._wait_attention_workers()]
+        info = dense.Connect(worker_pb2.ConnectRequest(attn_addresses=addrs),
+                             timeout=cfg.startup_timeout)
+        self.model_name, self.dtype = info.model, info.dtype
+        devices, self.device_ids = wire.devices_from_info(info)
+        ecfg = EngineConfig(block_size=info.block_size, max_num_seqs=cfg.max_num_seqs,
+                            max_num_batched_tokens=cfg.max_num_batched_tokens,
+                            max_model_len=min(cfg.max_model_len, mc.max_position))
+        self.executor = RemoteExecutor(dense)
+        self.engine = build_engine(self.executor, self.tokenizer, mc, ecfg, devices,
+                                   policy=cfg.policy, kv_bytes=2 if info.dtype == "bfloat16" else 4)
+        self.loop = ServingLoop(self.engine, cfg.max_queue).start()
+        threading.Thread(target=self._refresh_costs, daemon=True, name="cost-refresh").start()
+        log.info("router ready: %d attention workers, policy %s", len(info.peers), cfg.policy)
+        return self
+
+    def _wait_attention_workers(self) -> list[dict]:
+        n = self.cfg.attn_workers
+        if not n:
+            return []
+
+        def enough():
+            live = [w for w in read_workers(self.redis) if w["kind"] == "attention" and w["alive"]]
+            return sorted(live, key=lambda w: w["id"])[:n] if len(live) >= n else None
+        return _wait(f"{n} attention workers in Redis", enough, self.cfg.startup_timeout)
+
+    def _refresh_costs(self) -> None:
+        """Online refinement: take the workers' measured costs from Redis every second."""
+        r = connect(self.cfg.redis_url)
+        devices = self.engine.dispatcher.devices
+        while not self._stop.wait(1.0):
+            try:
+                by_id = {w["id"]: w for w in read_workers(r)}
+            except Exception as e:  # noqa: BLE001 - Redis hiccup: keep the last model
+                log.warning("telemetry read failed: %s", e)
+                continue
+            for dev, wid in zip(devices, self.device_ids):
+                w = by_id.get(wid)
+                if w and w["cost_per_token"] > 0:
+                    dev.cost_per_token, dev.cost_per_group = w["cost_per_token"], w["cost_per_group"]
+
+    def close(self) -> None:
+        self._stop.set()
+        if hasattr(self, "loop"):
+            self.loop.stop()
+
+    # ------------------------------------------------------------ requests
+    def render_chat(self, messages: list[dict]) -> str:
+        """The chat prompt; a template that fails is the input's fault (ParamError)."""
+        try:
+            return self.tokenizer.apply_chat_template(messages)
+        except ValueError as e:
+            raise ParamError("messages", str(e).removeprefix("messages: ")) from None
+        except Exception as e:  # noqa: BLE001 - jinja errors raised by the template itself
+            raise ParamError("messages", f"chat template failed: {e}") from None
+
+    def encode_chat(self, messages: list[dict]) -> tuple[list[int], str]:
+        text = self.render_chat(messages)
+        return self.tokenizer.tok.encode(text, add_special_tokens=False).ids, text
+
+    def submit(self, request_id: str, ids: list[int], params: SamplingParams,
+               prompt: str | None) -> "queue.Queue":
+        """Queue a request; its StepOutputs (or an Exception) arrive on the returned queue.
+        Raises ValueError (bad input), QueueFull, RuntimeError (the loop is down)."""
+        return self.loop.submit(request_id, ids, params, prompt)
+
+    def abort(self, request_id: str) -> None:
+        self.loop.abort(request_id)
+
+    # ------------------------------------------------------------ information
+    def model_info(self):
+        return wire.model_info_to_proto(self.model_cfg, self.model_name, self.dtype,
+                                        self.engine.cfg.max_model_len, self.tokenizer)
+
+    def cluster_status(self):
+        """The engine's own view (snapshot from the loop thread) plus Redis liveness."""
+        snap, steps = self.loop.call(lambda eng: (eng.snapshot(), replace(self.executor.stats)))
+        workers = {w["id"]: w for w in read_workers(self.redis)}
+        return wire.cluster_status_to_proto(snap, self.model_name, self.device_ids, workers, steps)

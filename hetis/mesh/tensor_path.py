@@ -1,0 +1,173 @@
+"""The tensor path between a dense worker and its attention workers.
+
+torch.distributed point-to-point, rank 0 the dense worker, ranks 1..N the
+attention workers (gloo on CPU; NCCL when both ends are CUDA). Per step, the
+dense worker sends each attention worker a header ``[command, length]`` and
+an int64 layout (freed sequences, then its items); then per layer one packed
+tensor ``[rows, (q_per_group + 2) * head_dim]`` (q, k, v of its items) goes out
+and one ``[rows, q_per_group, head_dim]`` (attention output) comes back. A
+worker with no items this step gets the layout and nothing per layer.
+Control (joining, stats) is gRPC; nothing here touches Redis.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+import torch.distributed as dist
+
+from hetis.engine.step import AttnItem
+from hetis.mesh.discovery import Residency
+from hetis.model.attention import AttentionBackend
+
+log = logging.getLogger("hetis.tensor_path")
+
+CMD_STEP, CMD_PING, CMD_STOP = 1, 2, 3
+
+
+def encode_layout(items: list[AttnItem], freed=()) -> torch.Tensor:
+    out = [len(freed), *freed, len(items)]
+    for it in items:
+        out += [it.seq_id, it.group, it.start, it.num_new, len(it.blocks), *it.blocks]
+    return torch.tensor(out, dtype=torch.int64)
+
+
+def decode_layout(t: torch.Tensor) -> tuple[list[AttnItem], list[int]]:
+    v = t.tolist()
+    nf = v[0]
+    freed = v[1:1 + nf]
+    i = 1 + nf
+    n, i = v[i], i + 1
+    items = []
+    for _ in range(n):
+        sid, g, start, new, nb = v[i:i + 5]
+        items.append(AttnItem(sid, g, start, new, v[i + 5:i + 5 + nb]))
+        i += 5 + nb
+    return items, freed
+
+
+class RemoteAttention:
+    """An attention worker, seen from the dense worker (backend with send/recv)."""
+
+    remote = True
+
+    def __init__(self, rank: int, q_per_group: int, head_dim: int, dtype: torch.dtype,
+                 comm_device: str = "cpu", compute_device: str = "cpu"):
+        self.rank, self.qpg, self.D, self.dtype = rank, q_per_group, head_dim, dtype
+        self.comm_device, self.compute_device = comm_device, compute_device
+        self.rows = 0
+        self._works: list = []
+        self._keep: list[torch.Tensor] = []
+
+    def _isend(self, t: torch.Tensor) -> None:
+        t = t.to(self.comm_device).contiguous()
+        self._keep.append(t)  # a buffer must outlive its send
+        self._works.append(dist.isend(t, dst=self.rank))
+
+    def begin_step(self, items: list[AttnItem], freed=()) -> None:
+        layout = encode_layout(items, freed)
+        self._isend(torch.tensor([CMD_STEP, layout.numel()], dtype=torch.int64))
+        self._isend(layout)
+        self.rows = sum(it.num_new for it in items)
+
+    def send(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        self._isend(torch.cat([q.reshape(self.rows, -1), k, v], dim=1).to(self.dtype))
+
+    def recv(self, layer: int) -> torch.Tensor:
+        out = torch.empty(self.rows, self.qpg, self.D, dtype=self.dtype, device=self.comm_device)
+        dist.recv(out, src=self.rank)
+        return out.to(self.compute_device)
+
+    def end_step(self) -> None:
+        for w in self._works:
+            w.wait()
+        self._works.clear()
+        self._keep.clear()
+
+    def ping(self, nbytes: int) -> float:
+        """Round trip of ``nbytes`` through the worker, in seconds."""
+        n = max(1, nbytes // 4)
+        buf = torch.zeros(n, dtype=torch.float32, device=self.comm_device)
+        t0 = time.perf_counter()
+        dist.send(torch.tensor([CMD_PING, n], dtype=torch.int64, device=self.comm_device), dst=self.rank)
+        dist.send(buf, dst=self.rank)
+        dist.recv(buf, src=self.rank)
+        return time.perf_counter() - t0
+
+    def measure_link(self) -> tuple[float, float]:
+        """(one-way latency s, bandwidth bytes/s) from small and large round trips."""
+        small = min(self.ping(64) for _ in range(5))
+        big_bytes = 4 << 20
+        big = min(self.ping(big_bytes) for _ in range(3))
+        bw = 2 * big_bytes / max(big - small, 1e-6)
+        return small / 2, bw
+
+    def stop(self) -> None:
+        dist.send(torch.tensor([CMD_STOP, 0], dtype=torch.int64, device=self.comm_device), dst=self.rank)
+
+
+class AttentionLoop:
+    """The attention worker's side: serve steps from rank 0 until told to stop.
+
+    Also keeps what the worker holds and its measured cost, for telemetry:
+    the per-token cost is refined from every step (EWMA of the time not
+    explained by the per-group cost), so the dispatcher sees load changes.
+    """
+
+    def __init__(self, backend: AttentionBackend, num_layers: int, cost: tuple[float, float],
+                 comm_device: str = "cpu", alpha: float = 0.1):
+        self.backend, self.L = backend, num_layers
+        self.comm_device = comm_device
+        self.cost_per_token, self.cost_per_group = cost
+        self.residency = Residency(backend.block_size)
+        self.steps = 0
+        self.alpha = alpha
+        self.attn_seconds = 0.0
+
+    def _recv(self, shape, dtype) -> torch.Tensor:
+        t = torch.empty(shape, dtype=dtype, device=self.comm_device)
+        dist.recv(t, src=0)
+        return t
+
+    def run(self) -> None:
+        be = self.backend
+        qpg, D = be.qpg, be.head_dim
+        dtype = be.store.k.dtype
+        while True:
+            cmd, n = self._recv(2, torch.int64).tolist()
+            if cmd == CMD_STOP:
+                return
+            if cmd == CMD_PING:
+                buf = self._recv(n, torch.float32)
+                dist.send(buf, dst=0)
+                continue
+            items, freed = decode_layout(self._recv(n, torch.int64).cpu())
+            self.residency.update(items, freed)
+            if not items:
+                continue
+            be.begin_step(items)
+            rows = sum(it.num_new for it in items)
+            spent = 0.0
+            for layer in range(self.L):
+                packed = self._recv((rows, (qpg + 2) * D), dtype).to(be.device)
+                q, k, v = packed.split([qpg * D, D, D], dim=1)
+                t0 = time.perf_counter()
+                out = be.attend(layer, q.reshape(rows, qpg, D), k, v)
+                spent += time.perf_counter() - t0
+                dist.send(out.to(self.comm_device).contiguous(), dst=0)
+            self._learn(items, spent)
+
+    def _learn(self, items: list[AttnItem], seconds: float) -> None:
+        self.steps += 1
+        self.attn_seconds += seconds
+        tokens = sum(it.start + it.num_new for it in items)
+        per_layer = seconds / self.L
+        est = max(per_layer - self.cost_per_group * len(items), 0.0) / max(tokens, 1)
+        self.cost_per_token = (1 - self.alpha) * self.cost_per_token + self.alpha * est
+
+    def telemetry(self) -> dict:
+        return {"kv_used_tokens": self.residency.used_tokens,
+                "resident": {str(s): g for s, g in self.residency.groups().items()},
+                "cost_per_token": self.cost_per_token, "cost_per_group": self.cost_per_group,
+                "steps": self.steps}

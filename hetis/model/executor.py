@@ -1,0 +1,123 @@
+"""Runs one step of the model: the dense half here, attention on the backends.
+
+Backend 0..N-1 each hold some head groups of some sequences (the placement).
+Per layer, the q/k/v of every backend's items are gathered into one packed
+tensor (item-major), handed to the backend, and the outputs scattered back.
+Remote backends (``remote = True``: ``send``/``recv``) are sent to first, so
+their work overlaps the local backends' compute. The executor also samples:
+in the mesh it runs in the dense worker, which returns token ids, not logits.
+
+Every tensor a step makes is made on the model's device (the step's lists
+arrive as Python values); tests/model/test_meta_device.py runs a step with
+everything on ``device="meta"`` to keep it so.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from hetis.engine.step import AttnItem, Step, StepTimes
+from hetis.model.dense import DenseModel
+from hetis.model.sampler import sample
+
+
+@dataclass
+class _Index:
+    rows: torch.Tensor   # token row of each packed row
+    grp: torch.Tensor    # head group of each packed row
+    all_rows: bool = field(default=False)
+
+
+class Executor:
+    def __init__(self, model: DenseModel, backends: list):
+        self.model, self.backends = model, backends
+        c = model.cfg
+        self.G, self.qpg, self.D = c.num_groups, c.q_per_group, c.head_dim
+        self.device = model.device
+        self.last_times = StepTimes()
+
+    def _index(self, items: list[AttnItem], offsets: dict[int, int]) -> _Index:
+        # built on the CPU from Python lists (cheap integer work), moved once per step
+        n = torch.tensor([it.num_new for it in items])
+        first = torch.tensor([offsets[it.seq_id] for it in items])
+        base = torch.cumsum(n, 0) - n
+        item_of_row = torch.repeat_interleave(torch.arange(len(items)), n)
+        rows = first[item_of_row] + torch.arange(int(n.sum())) - base[item_of_row]
+        grp = torch.tensor([it.group for it in items])[item_of_row]
+        return _Index(rows.to(self.device), grp.to(self.device))
+
+    def execute(self, step: Step) -> list[int]:
+        """Run the step; return one sampled token per chunk with ``sample``, in order."""
+        t0 = time.perf_counter()
+        logits = self.forward(step)
+        sampled = [c for c in step.chunks if c.sample]
+        toks = sample(logits, [c.params for c in sampled], [c.generator for c in sampled]) if sampled else []
+        self.last_times.total = time.perf_counter() - t0
+        return toks
+
+    def forward(self, step: Step) -> torch.Tensor:
+        """Run the step; float32 logits of the chunks with ``sample``, in order."""
+        chunks, items, freed = step.chunks, step.work, step.freed
+        if not chunks:  # nothing to compute: only tell remote workers what was freed
+            for be in self.backends:
+                if getattr(be, "remote", False):
+                    be.begin_step([], freed)
+                    be.end_step()
+            self.last_times = StepTimes()
+            return torch.empty(0, self.model.cfg.vocab_size, device=self.device)
+        times = StepTimes()
+        ids, pos, offsets, logit_rows = [], [], {}, []
+        t = 0
+        for c in chunks:
+            offsets[c.seq_id] = t
+            ids.extend(c.token_ids)
+            pos.extend(range(c.start, c.start + len(c.token_ids)))
+            t += len(c.token_ids)
+            if c.sample:
+                logit_rows.append(t - 1)
+        index: list[_Index | None] = []
+        for b, its in enumerate(items):
+            be = self.backends[b]
+            if getattr(be, "remote", False):
+                be.begin_step(its, freed)   # the layout goes once per step, even when empty
+            elif its:
+                be.begin_step(its)
+            index.append(self._index(its, offsets) if its else None)
+        order = sorted(range(len(items)), key=lambda b: not getattr(self.backends[b], "remote", False))
+        G, qpg, D = self.G, self.qpg, self.D
+
+        def attend(layer, q, k, v):
+            T = q.shape[0]
+            q4 = q.view(T, G, qpg, D)
+            out = torch.empty_like(q4)
+            pending = []
+            for b in order:
+                ix = index[b]
+                if ix is None:
+                    continue
+                be = self.backends[b]
+                if getattr(be, "remote", False):
+                    be.send(layer, q4[ix.rows, ix.grp], k[ix.rows, ix.grp], v[ix.rows, ix.grp])
+                    pending.append(b)
+                else:
+                    ta = time.perf_counter()
+                    out[ix.rows, ix.grp] = be.attend(layer, q4[ix.rows, ix.grp], k[ix.rows, ix.grp],
+                                                     v[ix.rows, ix.grp]).to(out.dtype)
+                    times.local_attn += time.perf_counter() - ta
+            for b in pending:
+                ix = index[b]
+                tw = time.perf_counter()
+                out[ix.rows, ix.grp] = self.backends[b].recv(layer).to(out.dtype)
+                times.exchange_wait += time.perf_counter() - tw
+            return out.view(T, G * qpg, D)
+
+        long = dict(dtype=torch.long, device=self.device)
+        logits = self.model.forward(torch.tensor(ids, **long), torch.tensor(pos, **long),
+                                    torch.tensor(logit_rows, **long), attend)
+        for be in self.backends:
+            if getattr(be, "remote", False):
+                be.end_step()
+        self.last_times = times
+        return logits

@@ -1,0 +1,34 @@
+"""The sampler: one token per logits row, each row with its own parameters and generator."""
+from __future__ import annotations
+
+import torch
+
+from hetis.engine.sampling import SamplingParams
+
+
+def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Mask logits outside top-k / nucleus top-p with -inf (one row)."""
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_l, idx = torch.sort(logits, descending=True)
+        probs = sorted_l.softmax(-1)
+        # drop a token when the mass before it already reaches top_p (keeps at least one)
+        drop = (probs.cumsum(-1) - probs) >= top_p
+        logits = logits.clone()
+        logits[idx[drop]] = float("-inf")
+    return logits
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams],
+           generators: list[torch.Generator | None]) -> list[int]:
+    """One token per row of float32 ``logits`` [N, V]."""
+    out = logits.argmax(-1).tolist()
+    for i, p in enumerate(params):
+        if p.greedy:
+            continue
+        row = _filter(logits[i] / p.temperature, p.top_k, p.top_p)
+        probs = row.softmax(-1)
+        out[i] = int(torch.multinomial(probs, 1, generator=generators[i]))
+    return out

@@ -1,0 +1,42 @@
+"""A real local mesh for integration tests: redis-server, attention workers, a
+dense worker and a router, each its own process talking gRPC and gloo.
+
+The command lines are `hetis up`'s own (hetis.up.service_commands)."""
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+
+from hetis.mesh.redisproc import RedisProcess, free_port
+from hetis.up import LocalCluster, service_commands
+
+
+class Cluster:
+    def __init__(self, attn_workers: int = 0, policy: str = "hetis", dtype: str = "float32",
+                 router_args: tuple[str, ...] = (), timeout: float = 240):
+        os.environ.setdefault("HETIS_THREADS", "1")
+        self.redis = RedisProcess()
+        args = argparse.Namespace(attn_workers=attn_workers, port=free_port(), redis_url=self.redis.url,
+                                  model=None, dtype=dtype, policy=policy, threads=1)
+        cmds = service_commands(args)
+        cmds[-1][1].extend(router_args)
+        self.target = f"127.0.0.1:{args.port}"
+        self.log_dir = tempfile.mkdtemp(prefix="hetis-test-")
+        self.local = LocalCluster(cmds, self.log_dir)
+        self.attn_addrs = [f"127.0.0.1:{argv[argv.index('--port') + 1]}"
+                           for name, argv in cmds if name.startswith("attn")]
+        try:
+            self.local.start()
+            self.local.wait_ready(self.target, attn_workers, timeout)
+        except BaseException as e:
+            tails = "\n".join(f"--- {c.name}\n{c.tail(30)}" for c in self.local.children)
+            self.stop()
+            raise RuntimeError(f"cluster failed to start: {e}\n{tails}") from e
+
+    def proc(self, name: str):
+        return next(c.proc for c in self.local.children if c.name == name)
+
+    def stop(self) -> None:
+        self.local.stop()
+        self.redis.stop()

@@ -1,0 +1,105 @@
+"""The serving loop over a fake executor: streaming, aborts, snapshots, failed steps, a full queue."""
+from __future__ import annotations
+
+import queue
+import time
+
+import pytest
+from prometheus_client import REGISTRY
+
+from hetis.engine.sampling import SamplingParams
+from hetis.engine.serving import QueueFull, ServingLoop
+from hetis.engine.step import StepFailed
+from tests.helpers.fakes import FakeExecutor, fake_engine
+
+
+def drain(q: queue.Queue, timeout: float = 10.0) -> list:
+    out = []
+    while True:
+        o = q.get(timeout=timeout)
+        out.append(o)
+        if isinstance(o, Exception) or o.finished:
+            return out
+
+
+def wait_for(cond, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def loop():
+    loops = []
+
+    def make(executor=None, max_queue: int = 16, **cfg):
+        lp = ServingLoop(fake_engine(executor=executor, pinned=[0, 0, 0], **cfg), max_queue).start()
+        loops.append(lp)
+        return lp
+    yield make
+    for lp in loops:
+        lp.stop()
+
+
+def running_gauge() -> float:
+    return REGISTRY.get_sample_value("hetis:num_requests_running")
+
+
+def test_streams_every_token_then_finishes(loop):
+    lp = loop()
+    outs = drain(lp.submit("a", [1, 2, 3], SamplingParams(max_tokens=5, ignore_eos=True), None))
+    assert [t for o in outs for t in o.new_token_ids] == [4, 5, 6, 7, 8]
+    assert outs[-1].finished and outs[-1].seq.finish_reason == "length"
+    assert "".join(o.text_delta for o in outs) == "efghi"
+
+
+def test_bad_input_is_refused_at_submit(loop):
+    lp = loop()
+    with pytest.raises(ValueError, match="prompt_token_ids"):
+        lp.submit("bad", [1, 10 ** 6], SamplingParams(), None)
+    with pytest.raises(ValueError, match="request_id"):
+        q = lp.submit("dup", [1], SamplingParams(max_tokens=10 ** 6, ignore_eos=True), None)
+        lp.submit("dup", [1], SamplingParams(), None)
+    assert q.get(timeout=5).new_token_ids  # the first "dup" is unaffected
+
+
+def test_abort_frees_kv_and_the_running_gauge(loop):
+    lp = loop(executor=FakeExecutor(delay=0.002))
+    q = lp.submit("long", [1, 2, 3], SamplingParams(max_tokens=10 ** 6, ignore_eos=True), None)
+    q.get(timeout=5)
+    assert running_gauge() == 1
+    snap = lp.call(lambda eng: eng.snapshot())
+    assert snap.running == 1 and snap.devices[0].resident == {"long": [0, 1, 2]}
+    assert snap.devices[0].used_tokens > 0
+    lp.abort("long")
+    wait_for(lambda: running_gauge() == 0)  # no step follows an abort: the gauge must not go stale
+    snap = lp.call(lambda eng: eng.snapshot())
+    assert snap.running == 0 and snap.devices[0].used_tokens == 0 and not snap.devices[0].resident
+
+
+def test_a_failed_step_fails_the_requests_in_flight_and_the_loop_goes_on(loop):
+    fail = {"on": True}
+
+    class Flaky(FakeExecutor):
+        def execute(self, step):
+            if fail["on"] and step.chunks:
+                raise StepFailed("dense worker step failed: UNAVAILABLE: gone")
+            return super().execute(step)
+
+    lp = loop(executor=Flaky())
+    outs = drain(lp.submit("a", [1, 2], SamplingParams(max_tokens=3), None))
+    assert isinstance(outs[-1], RuntimeError) and "UNAVAILABLE: gone" in str(outs[-1])
+    fail["on"] = False
+    outs = drain(lp.submit("b", [1, 2], SamplingParams(max_tokens=3, ignore_eos=True), None))
+    assert outs[-1].finished and len(outs[-1].seq.output_token_ids) == 3
+
+
+def test_queue_full_beyond_max_queue(loop):
+    lp = loop(executor=FakeExecutor(delay=0.01), max_queue=1, max_num_seqs=1)
+    forever = SamplingParams(max_tokens=10 ** 6, ignore_eos=True)
+    q = lp.submit("running", [1], forever, None)
+    q.get(timeout=5)
+    lp.submit("waiting", [1], forever, None)
+    with pytest.raises(QueueFull, match="1 waiting"):
+        lp.submit("refused", [1], forever, None)
