@@ -3,6 +3,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# Temperatures below this are greedy (vLLM's _SAMPLING_EPS): dividing float32 logits by
+# 1e-45 overflows to inf and the softmax to NaN; 1e-5 already puts all the mass on the
+# top logit, so greedy is the same distribution, computed safely.
+SAMPLING_EPS = 1e-5
+
 
 class ParamError(ValueError):
     """A bad parameter value; ``param`` names the field (a CLI maps it to its flag)."""
@@ -16,7 +21,7 @@ class ParamError(ValueError):
 class SamplingParams:
     """How to pick tokens and when to stop (vLLM's names and defaults).
 
-    ``temperature=0`` is greedy. ``top_k=-1`` and ``top_p=1`` disable those
+    ``temperature=0`` (or below ``SAMPLING_EPS`` = 1e-5) is greedy. ``top_k=-1`` and ``top_p=1`` disable those
     filters. ``seed`` makes a request's sampling reproducible whatever else is
     in the batch. Stop strings are not included in the returned text.
     """
@@ -59,4 +64,4 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < SAMPLING_EPS

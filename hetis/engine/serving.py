@@ -2,8 +2,12 @@
 
 The router runs it over a remote dense worker; ``hetis bench --engine local``
 runs it over ``hetis.LLM``'s in-process engine. All engine state is touched by
-the loop thread only; callers talk to it through a command queue and read
-their request's output queue (``StepOutput`` objects, or an Exception).
+the loop thread only; callers talk to it through a command queue and give each
+request a ``sink``, a callable the loop thread hands every ``StepOutput`` (or an
+Exception) to: ``queue.Queue.put`` for threads, or a
+``loop.call_soon_threadsafe`` into an ``asyncio.Queue`` for the router's
+event loop. Nothing here blocks the caller: :meth:`ServingLoop.add` returns a
+future that resolves when the request has been admitted between two steps.
 Whoever needs to read engine state (cluster status) asks the loop thread with
 :meth:`ServingLoop.call`, which runs a function between two steps.
 """
@@ -43,7 +47,7 @@ class _Add:
     prompt_ids: list[int]
     params: SamplingParams
     prompt: str | None
-    out: "queue.Queue"
+    sink: Callable[[object], None]
     done: Future = field(default_factory=Future)
 
 
@@ -63,7 +67,7 @@ class ServingLoop:
     def __init__(self, engine: Engine, max_queue: int):
         self.engine, self.max_queue = engine, max_queue
         self.commands: queue.Queue = queue.Queue()
-        self.outputs: dict[str, queue.Queue] = {}
+        self.outputs: dict[str, Callable[[object], None]] = {}
         self.wake = threading.Event()
         self.stopped = threading.Event()
         self.error: str | None = None
@@ -82,21 +86,28 @@ class ServingLoop:
         self.thread.join(timeout=10)
 
     # ------------------------------------------------------------ called by handlers
-    def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-               prompt: str | None) -> "queue.Queue":
-        """Queue a request; raises ValueError (bad input) or QueueFull."""
+    def add(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+            prompt: str | None, sink: Callable[[object], None]) -> Future:
+        """Queue a request without waiting. Raises QueueFull at once when ``max_queue``
+        requests already wait; the returned future resolves when the engine has admitted
+        the request, or raises its validation error (ValueError)."""
         if self.error:
             raise RuntimeError(self.error)
-        cmd = _Add(request_id, prompt_ids, params, prompt, queue.Queue())
+        cmd = _Add(request_id, prompt_ids, params, prompt, sink)
         with self.lock:
             if len(self.engine.scheduler.waiting) + self.pending_adds >= self.max_queue:
                 raise QueueFull(f"queue is full ({self.max_queue} waiting requests); retry later")
             self.pending_adds += 1
             self.commands.put(cmd)
         self.wake.set()
-        # admission happens between steps; re-raises the engine's validation error
-        cmd.done.result(timeout=600)
-        return cmd.out
+        return cmd.done
+
+    def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+               prompt: str | None) -> "queue.Queue":
+        """:meth:`add` for threads: wait for admission; outputs arrive on the returned queue."""
+        out: queue.Queue = queue.Queue()
+        self.add(request_id, prompt_ids, params, prompt, out.put).result(timeout=600)
+        return out
 
     def abort(self, request_id: str) -> None:
         self.commands.put(("abort", request_id))
@@ -127,7 +138,7 @@ class ServingLoop:
                     cmd.done.set_exception(e)
                     continue
                 PROMPT_TOKENS.inc(len(cmd.prompt_ids))
-                self.outputs[cmd.request_id] = cmd.out
+                self.outputs[cmd.request_id] = cmd.sink
                 cmd.done.set_result(True)
             elif isinstance(cmd, _Call):
                 try:
@@ -158,10 +169,10 @@ class ServingLoop:
             PREEMPTIONS.inc(n - self._preemptions)
             self._preemptions = n
             for o in outs:
-                q = self.outputs.get(o.seq.request_id)
+                sink = self.outputs.get(o.seq.request_id)
                 GEN_TOKENS.inc(len(o.new_token_ids))
-                if q is not None:
-                    q.put(o)
+                if sink is not None:
+                    sink(o)
                 if o.finished:
                     self.outputs.pop(o.seq.request_id, None)
                     eng.release(o.seq)
@@ -177,11 +188,12 @@ class ServingLoop:
     def _step_safely(self, fn):
         try:
             return fn()
-        except StepFailed as e:
-            # the executor failed this step: fail the requests in flight, keep serving
-            msg = str(e)
-            log.error(msg)
+        except Exception as e:  # noqa: BLE001 - the loop must outlive any step
+            # the step failed (the executor said so, or a bug): fail the requests in flight,
+            # keep serving the next ones
+            msg = str(e) if isinstance(e, StepFailed) else f"step failed: {type(e).__name__}: {e}"
+            log.error(msg, exc_info=not isinstance(e, StepFailed))
             for rid in list(self.outputs):
-                self.outputs.pop(rid).put(RuntimeError(msg))
+                self.outputs.pop(rid)(RuntimeError(msg))
                 self.engine.abort(rid)
             return None

@@ -54,7 +54,8 @@ class RouterConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 1024
     max_model_len: int = 2048
-    max_queue: int = 256
+    max_queue: int = 1024
+    max_prompt_chars: int = 0          # 0: 32 x max_model_len
     startup_timeout: float = 300.0
     metrics_port: int | None = None
     log_level: str = "INFO"

@@ -9,16 +9,20 @@ executor is a :class:`RemoteExecutor`: each ``Step`` becomes one ``Step`` gRPC
 call. A background thread copies the workers' measured attention costs from
 Redis into the dispatcher's device models every second (online refinement).
 
-The public gRPC servicer (services/router/server.py) only maps calls to the
-methods here; the loop thread alone touches engine state (status is a
-snapshot taken between steps).
+The public gRPC servicer (services/router/server.py, on asyncio) only maps
+calls to the methods here. Three kinds of thread, none per stream: the event
+loop (every stream, health, status), the serving loop (the only one touching
+engine state; status is a snapshot taken between steps), and a small pool for
+tokenizing and chat templating, so a long prompt never stalls the event loop.
+A prompt longer than ``max_prompt_chars`` is refused before it is tokenized.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
-import queue
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 import grpc
@@ -104,6 +108,8 @@ class Router:
         self.model_cfg, self.tokenizer = load_meta(cfg.model)
         self.redis = connect(cfg.redis_url)
         self._stop = threading.Event()
+        self.max_prompt_chars = cfg.max_prompt_chars or 32 * cfg.max_model_len
+        self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
 
     # ------------------------------------------------------------ start-up
     def start(self) -> "Router":
@@ -159,8 +165,23 @@ class Router:
         self._stop.set()
         if hasattr(self, "loop"):
             self.loop.stop()
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------ requests
+    def _check_size(self, field: str, chars: int) -> None:
+        if chars > self.max_prompt_chars:
+            raise ParamError(field, f"{chars} characters exceed the limit of {self.max_prompt_chars} "
+                             "(--max-prompt-chars)")
+
+    async def encode(self, prompt: str) -> list[int]:
+        """Token ids of a prompt, off the event loop; ParamError when it is too long."""
+        self._check_size("prompt", len(prompt))
+        return await asyncio.get_running_loop().run_in_executor(self.pool, self.tokenizer.encode, prompt)
+
+    async def encode_chat_async(self, messages: list[dict]) -> tuple[list[int], str]:
+        self._check_size("messages", sum(len(m["content"]) + len(m["role"]) for m in messages))
+        return await asyncio.get_running_loop().run_in_executor(self.pool, self.encode_chat, messages)
+
     def render_chat(self, messages: list[dict]) -> str:
         """The chat prompt; a template that fails is the input's fault (ParamError)."""
         try:
@@ -174,11 +195,31 @@ class Router:
         text = self.render_chat(messages)
         return self.tokenizer.tok.encode(text, add_special_tokens=False).ids, text
 
-    def submit(self, request_id: str, ids: list[int], params: SamplingParams,
-               prompt: str | None) -> "queue.Queue":
-        """Queue a request; its StepOutputs (or an Exception) arrive on the returned queue.
-        Raises ValueError (bad input), QueueFull, RuntimeError (the loop is down)."""
-        return self.loop.submit(request_id, ids, params, prompt)
+    async def stream(self, request_id: str, ids: list[int], params: SamplingParams,
+                     prompt: str | None):
+        """An async generator of the request's StepOutputs, the last one ``finished``.
+
+        Raises QueueFull (at once, beyond ``max_queue`` waiting requests), ValueError (the
+        engine refused the input), RuntimeError (the step failed). Leaving the generator
+        early (a cancelled call, a gone client) aborts the request and frees its KV.
+        """
+        aio = asyncio.get_running_loop()
+        outputs: asyncio.Queue = asyncio.Queue()
+        admitted = self.loop.add(request_id, ids, params, prompt,
+                                 lambda o: aio.call_soon_threadsafe(outputs.put_nowait, o))
+        finished = False
+        try:
+            await asyncio.wrap_future(admitted)
+            while not finished:
+                o = await outputs.get()
+                if isinstance(o, Exception):
+                    finished = True  # the loop already dropped it
+                    raise o
+                finished = o.finished
+                yield o
+        finally:
+            if not finished:
+                self.loop.abort(request_id)
 
     def abort(self, request_id: str) -> None:
         self.loop.abort(request_id)

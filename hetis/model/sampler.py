@@ -23,12 +23,19 @@ def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
 
 def sample(logits: torch.Tensor, params: list[SamplingParams],
            generators: list[torch.Generator | None]) -> list[int]:
-    """One token per row of float32 ``logits`` [N, V]."""
+    """One token per row of float32 ``logits`` [N, V].
+
+    A row is sampled from its own logits only: whatever one request asks for, another
+    row's token cannot change or fail. Greedy rows (temperature < SAMPLING_EPS) take the
+    argmax; a sampled row whose probabilities are not finite (cannot happen for accepted
+    parameters and finite logits, but logits come from a model) falls back to it too.
+    """
     out = logits.argmax(-1).tolist()
     for i, p in enumerate(params):
         if p.greedy:
             continue
-        row = _filter(logits[i] / p.temperature, p.top_k, p.top_p)
-        probs = row.softmax(-1)
+        probs = _filter(logits[i] / p.temperature, p.top_k, p.top_p).softmax(-1)
+        if not bool(torch.isfinite(probs).all()) or not float(probs.sum()) > 0:
+            continue
         out[i] = int(torch.multinomial(probs, 1, generator=generators[i]))
     return out

@@ -3,11 +3,13 @@
     python -m services.router --port 50051 --redis-url redis://localhost:6379/0 \\
         --dense-worker HOST:PORT [--attn-workers N] [--policy hetis|local-only|round-robin] \\
         [--model PATH] [--max-num-seqs 64] [--max-num-batched-tokens 1024] \\
-        [--max-model-len 2048] [--max-queue 256] [--startup-timeout 300] \\
-        [--metrics-port P] [--log-level INFO]
+        [--max-model-len 2048] [--max-queue 1024] [--max-prompt-chars N] \\
+        [--startup-timeout 300] [--metrics-port P] [--log-level INFO]
 
-At start it waits for the dense worker and for N live attention workers in
-Redis, connects them into one tensor group, then serves.
+At start it listens at once (health NOT_SERVING), waits for the dense worker
+and for N live attention workers in Redis, connects them into one tensor
+group, then reports SERVING. It runs on asyncio (uvloop when installed): one
+event loop for every stream and the health service, no thread per stream.
 """
 from __future__ import annotations
 
@@ -36,8 +38,11 @@ def parse(argv=None) -> RouterConfig:
                     help="tokens per step at most")
     ap.add_argument("--max-model-len", type=positive_int, default=2048,
                     help="prompt + output tokens at most")
-    ap.add_argument("--max-queue", type=positive_int, default=256,
+    ap.add_argument("--max-queue", type=positive_int, default=1024,
                     help="waiting requests beyond which new ones get RESOURCE_EXHAUSTED")
+    ap.add_argument("--max-prompt-chars", type=nonneg_int, default=0,
+                    help="longer prompts (or chats) get INVALID_ARGUMENT before tokenizing "
+                    "(default 0: 32 x --max-model-len)")
     ap.add_argument("--startup-timeout", type=float, default=300.0,
                     help="seconds to wait for the workers at start")
     ap.add_argument("--metrics-port", type=int, default=None, help="Prometheus port (0: free one)")

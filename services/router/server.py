@@ -1,92 +1,88 @@
-"""The public hetis.v1.Generation servicer: each call mapped onto hetis.mesh.router.Router."""
+"""The public hetis.v1.Generation servicer on grpc.aio: each call mapped onto
+hetis.mesh.router.Router; no thread per stream."""
 from __future__ import annotations
 
-import queue
+import asyncio
 import uuid
 
 import grpc
 
 from hetis.engine.serving import QueueFull
 from hetis.mesh import wire
+from hetis.mesh.aio import checked_handlers, serve_async
+from hetis.mesh.aio import run as run_loop
 from hetis.mesh.flags import RouterConfig
 from hetis.mesh.router import Router
-from hetis.mesh.service import serve, setup_logging
+from hetis.mesh.service import setup_logging
 from hetis.v1 import generation_pb2 as pb
-from hetis.v1 import generation_pb2_grpc
 
 
-class Generation(generation_pb2_grpc.GenerationServicer):
+class Generation:
     def __init__(self, router: Router):
         self.router = router
 
-    def _stream(self, request_id: str, ids: list[int], sp: pb.SamplingParams, prompt, ctx):
+    async def _stream(self, request_id: str, ids: list[int], sp: pb.SamplingParams, prompt, ctx):
         try:
             params = wire.sampling_from_proto(sp)
-            rid = request_id or uuid.uuid4().hex
-            out = self.router.submit(rid, ids, params, prompt)
-        except QueueFull as e:
-            ctx.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         except ValueError as e:
-            ctx.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        except RuntimeError as e:
-            ctx.abort(grpc.StatusCode.UNAVAILABLE, str(e))
-        # a cancelled call or a gone client aborts the request and frees its KV
-        finished = False
-        ctx.add_callback(lambda: None if finished else self.router.abort(rid))
+            await ctx.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        rid = request_id or uuid.uuid4().hex
         try:
-            while not finished:
-                try:
-                    o = out.get(timeout=1.0)
-                except queue.Empty:
-                    if not ctx.is_active():
-                        return
-                    continue
-                if isinstance(o, Exception):
-                    ctx.abort(grpc.StatusCode.UNAVAILABLE, str(o))
-                finished = o.finished
+            async for o in self.router.stream(rid, ids, params, prompt):
                 yield wire.chunk_to_proto(o, rid)
-        finally:
-            if not finished:
-                self.router.abort(rid)
+        except QueueFull as e:
+            await ctx.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        except ValueError as e:
+            await ctx.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except RuntimeError as e:
+            await ctx.abort(grpc.StatusCode.UNAVAILABLE, str(e))
 
-    def Generate(self, req: pb.GenerateRequest, ctx):
+    async def Generate(self, req: pb.GenerateRequest, ctx):
         try:
             prompt, ids = wire.prompt_from_request(req)
-            ids = ids if ids is not None else self.router.tokenizer.encode(prompt)
+            ids = ids if ids is not None else await self.router.encode(prompt)
         except ValueError as e:
-            ctx.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        yield from self._stream(req.request_id, ids, req.sampling, prompt, ctx)
+            await ctx.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        async for chunk in self._stream(req.request_id, ids, req.sampling, prompt, ctx):
+            yield chunk
 
-    def Chat(self, req: pb.ChatRequest, ctx):
+    async def Chat(self, req: pb.ChatRequest, ctx):
         try:
-            ids, text = self.router.encode_chat(wire.messages_from_proto(req.messages))
+            ids, text = await self.router.encode_chat_async(wire.messages_from_proto(req.messages))
         except ValueError as e:
-            ctx.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        yield from self._stream(req.request_id, ids, req.sampling, text, ctx)
+            await ctx.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        async for chunk in self._stream(req.request_id, ids, req.sampling, text, ctx):
+            yield chunk
 
-    def Tokenize(self, req: pb.TokenizeRequest, ctx):
-        tok = self.router.tokenizer
+    async def Tokenize(self, req: pb.TokenizeRequest, ctx):
+        r = self.router
         try:
-            ids = (self.router.encode_chat(wire.messages_from_proto(req.messages))[0]
-                   if req.messages else tok.encode(req.text))
+            ids = ((await r.encode_chat_async(wire.messages_from_proto(req.messages)))[0]
+                   if req.messages else await r.encode(req.text))
         except ValueError as e:
-            ctx.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        return pb.TokenizeResponse(token_ids=ids, tokens=[tok.id_to_token(i) or "" for i in ids])
+            await ctx.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        return pb.TokenizeResponse(token_ids=ids, tokens=[r.tokenizer.id_to_token(i) or "" for i in ids])
 
-    def GetModelInfo(self, req, ctx):
+    async def GetModelInfo(self, req, ctx):
         return self.router.model_info()
 
-    def GetClusterStatus(self, req, ctx):
-        try:
-            return self.router.cluster_status()
+    async def GetClusterStatus(self, req, ctx):
+        try:  # a snapshot from the serving loop and a Redis read: off the event loop
+            return await asyncio.get_running_loop().run_in_executor(None, self.router.cluster_status)
         except (RuntimeError, TimeoutError) as e:
-            ctx.abort(grpc.StatusCode.UNAVAILABLE, f"cluster status: {e}")
+            await ctx.abort(grpc.StatusCode.UNAVAILABLE, f"cluster status: {e}")
 
 
 def run(cfg: RouterConfig) -> None:
     setup_logging(cfg.log_level)
-    router = Router(cfg).start()
-    impl = Generation(router)
-    serve("router", cfg.port, [lambda s: generation_pb2_grpc.add_GenerationServicer_to_server(impl, s)],
-          ["hetis.v1.Generation"], metrics_port=cfg.metrics_port, on_stop=router.close,
-          host=cfg.host)
+    router = Router(cfg)
+
+    async def main():
+        async def start():  # waits for the workers; health says NOT_SERVING meanwhile
+            await asyncio.get_running_loop().run_in_executor(None, router.start)
+
+        service = pb.DESCRIPTOR.services_by_name["Generation"]
+        await serve_async("router", cfg.port, [checked_handlers(Generation(router), service)],
+                          [service.full_name], start, on_stop=router.close,
+                          metrics_port=cfg.metrics_port, host=cfg.host)
+    run_loop(main())

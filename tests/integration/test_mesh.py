@@ -239,3 +239,75 @@ def test_dense_worker_rejects_a_bad_step_and_keeps_serving(cluster):
             stub.Step(empty, timeout=30)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "token_ids" in e.value.details()
     assert run(cluster.stub, prompt="still here", sampling=greedy(2))[2] == "length"
+
+
+def test_more_streams_than_threads_and_health_stays_fast(cluster, llm):
+    """The router is on asyncio: 48 streams at once (the threaded router had 32 threads and
+    request 33 waited), and the health service answers while they run."""
+    if cluster.n_attn != 1:
+        pytest.skip("one mesh is enough")
+    import asyncio
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from hetis import AsyncClient
+    prompts = [f"Fact number {i}: the" for i in range(48)]
+    want = [o.token_ids for o in llm.generate(prompts, SamplingParams(temperature=0, max_tokens=6,
+                                                                     ignore_eos=True))]
+    health_ok = []
+
+    async def main():
+        async with AsyncClient(cluster.target) as c:
+            streams = [asyncio.ensure_future(c.generate(p, max_tokens=6, temperature=0, ignore_eos=True))
+                       for p in prompts]
+            async with grpc.aio.insecure_channel(cluster.target) as ch:
+                hs = health_pb2_grpc.HealthStub(ch)
+                while not all(s.done() for s in streams):
+                    r = await hs.Check(health_pb2.HealthCheckRequest(), timeout=2)
+                    health_ok.append(r.status == health_pb2.HealthCheckResponse.SERVING)
+                    await asyncio.sleep(0.05)
+            return [(await s).token_ids for s in streams]
+    assert asyncio.run(main()) == want
+    assert health_ok and all(health_ok)
+
+
+def test_one_bad_request_cannot_fail_the_others(cluster, llm):
+    """8 healthy greedy streams beside a temperature of 1e-45 (greedy: below 1e-5), a 50 MB
+    prompt (refused before tokenizing) and bytes that are no GenerateRequest."""
+    if cluster.n_attn != 1:
+        pytest.skip("one mesh is enough")
+    base = llm.tokenizer.encode("Once upon a time in a quiet village by the sea, ")
+    prompts = [base[: 6 + i] for i in range(8)]
+    want = [o.token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts],
+                                              SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))]
+    got, errors = [None] * 8, {}
+
+    def healthy(i):
+        got[i] = run(cluster.stub, prompts[i], sampling=greedy(12))[0]
+
+    def tiny_temperature():
+        got_tiny = run(cluster.stub, prompts[0], sampling=pb.SamplingParams(
+            temperature=1e-45, max_tokens=12, ignore_eos=True))[0]
+        errors["tiny"] = got_tiny
+
+    def huge_prompt():
+        try:
+            run(cluster.stub, prompt="x" * (50 << 20), timeout=120)
+        except grpc.RpcError as e:
+            errors["huge"] = (e.code(), e.details())
+
+    threads = [threading.Thread(target=healthy, args=(i,)) for i in range(8)]
+    threads += [threading.Thread(target=tiny_temperature), threading.Thread(target=huge_prompt)]
+    for th in threads:
+        th.start()
+    with grpc.insecure_channel(cluster.target) as ch:
+        raw = ch.unary_stream("/hetis.v1.Generation/Generate")
+        with pytest.raises(grpc.RpcError) as e:
+            list(raw(b"\xff\xff\xff\xff", timeout=30))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "GenerateRequest" in e.value.details()
+    for th in threads:
+        th.join()
+    assert got == want
+    assert errors["tiny"] == want[0]  # a temperature below 1e-5 is greedy
+    code, details = errors["huge"]
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "max-prompt-chars" in details

@@ -103,3 +103,17 @@ def test_queue_full_beyond_max_queue(loop):
     lp.submit("waiting", [1], forever, None)
     with pytest.raises(QueueFull, match="1 waiting"):
         lp.submit("refused", [1], forever, None)
+
+
+def test_any_step_exception_fails_the_batch_not_the_loop(loop):
+    class Buggy(FakeExecutor):
+        def execute(self, step):
+            if step.chunks and step.chunks[0].token_ids == [13]:
+                raise IndexError("a bug in the executor")
+            return super().execute(step)
+
+    lp = loop(executor=Buggy())
+    outs = drain(lp.submit("bad", [13], SamplingParams(max_tokens=3), None))
+    assert isinstance(outs[-1], RuntimeError) and "IndexError: a bug" in str(outs[-1])
+    outs = drain(lp.submit("good", [1, 2], SamplingParams(max_tokens=2, ignore_eos=True), None))
+    assert outs[-1].finished and lp.thread.is_alive()

@@ -1,0 +1,128 @@
+"""gRPC on asyncio (grpc.aio) for the router: one event loop, no thread per stream.
+
+:func:`serve_async` is :func:`hetis.mesh.service.serve`'s counterpart: health
+(``grpc.health.v1``, answered on the event loop, so it stays fast under any
+number of open streams), reflection, Prometheus metrics, SIGTERM/SIGINT for a
+graceful stop. The server starts NOT_SERVING and the caller's ``start``
+coroutine decides when it serves (the router: once its workers are connected),
+so a Kubernetes readiness probe sees the truth from the first second.
+
+:func:`checked_handlers` registers a servicer's methods with the request
+parsed inside the handler: bytes that are not a valid request message get
+INVALID_ARGUMENT naming the message type (grpc's own deserializer failure is an
+INTERNAL error, which would blame the server for the client's bytes).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from typing import Awaitable, Callable
+
+import grpc
+from google.protobuf.message import DecodeError
+from google.protobuf.message_factory import GetMessageClass
+from grpc_health.v1 import _async as health_async
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from hetis.mesh.service import GRPC_OPTIONS, start_metrics
+
+log = logging.getLogger("hetis.service")
+
+
+async def _parse(raw: bytes, cls, ctx):
+    try:
+        return cls.FromString(raw)
+    except DecodeError:
+        await ctx.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                        f"request: not a valid {cls.DESCRIPTOR.full_name} message")
+
+
+def checked_handlers(servicer, service) -> grpc.GenericRpcHandler:
+    """A generic handler for every method of ``service`` (a ServiceDescriptor) on an
+    asyncio ``servicer``: unary-unary and unary-stream methods, requests parsed here."""
+    handlers = {}
+    for m in service.methods:
+        req_cls, resp_cls = GetMessageClass(m.input_type), GetMessageClass(m.output_type)
+        impl = getattr(servicer, m.name)
+        if m.server_streaming:
+            async def stream(raw, ctx, impl=impl, cls=req_cls):
+                req = await _parse(raw, cls, ctx)
+                async for out in impl(req, ctx):
+                    yield out
+            handlers[m.name] = grpc.unary_stream_rpc_method_handler(
+                stream, response_serializer=resp_cls.SerializeToString)
+        else:
+            async def unary(raw, ctx, impl=impl, cls=req_cls):
+                return await impl(await _parse(raw, cls, ctx), ctx)
+            handlers[m.name] = grpc.unary_unary_rpc_method_handler(
+                unary, response_serializer=resp_cls.SerializeToString)
+    return grpc.method_handlers_generic_handler(service.full_name, handlers)
+
+
+class AsyncService:
+    """A grpc.aio server with health and reflection, NOT_SERVING until told otherwise."""
+
+    def __init__(self, name: str, port: int, handlers: list[grpc.GenericRpcHandler],
+                 service_names: list[str], host: str = "0.0.0.0", metrics_port: int | None = None):
+        self.name, self.service_names = name, list(service_names)
+        self.server = grpc.aio.server(options=GRPC_OPTIONS)
+        self.server.add_generic_rpc_handlers(handlers)
+        self.health = health_async.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            self.service_names + [health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
+        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        if self.port == 0:
+            raise RuntimeError(f"{name}: cannot bind {host}:{port}")
+        self.metrics_port = start_metrics(metrics_port)
+
+    async def set_serving(self, ok: bool) -> None:
+        status = (health_pb2.HealthCheckResponse.SERVING if ok
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        for name in self.service_names + [""]:
+            await self.health.set(name, status)
+
+
+async def serve_async(name: str, port: int, handlers: list[grpc.GenericRpcHandler],
+                      service_names: list[str], start: Callable[[], Awaitable[None]],
+                      on_stop: Callable[[], None] | None = None, metrics_port: int | None = None,
+                      host: str = "0.0.0.0", grace: float = 5.0) -> None:
+    """Serve until SIGTERM/SIGINT: listen (NOT_SERVING), await ``start()``, SERVING; on a
+    signal NOT_SERVING, let calls finish for ``grace`` seconds, then ``on_stop()``."""
+    svc = AsyncService(name, port, handlers, service_names, host, metrics_port)
+    await svc.set_serving(False)
+    await svc.server.start()
+    log.info("%s listening on port %d (metrics: %s)", name, svc.port,
+             svc.metrics_port if svc.metrics_port is not None else "off")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    starting = asyncio.ensure_future(start())
+    waiting = asyncio.ensure_future(stop.wait())
+    done, _ = await asyncio.wait({starting, waiting}, return_when=asyncio.FIRST_COMPLETED)
+    if starting in done:
+        starting.result()  # a failed start-up ends the process with its error
+        await svc.set_serving(True)
+        log.info("%s serving", name)
+        await waiting
+    else:
+        starting.cancel()
+    log.info("%s: shutting down", name)
+    await svc.set_serving(False)
+    await svc.server.stop(grace)
+    if on_stop is not None:
+        on_stop()
+    log.info("%s stopped", name)
+
+
+def run(main: Awaitable[None]) -> None:
+    """Run the service's coroutine on uvloop when it is installed, else asyncio's loop."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+    else:
+        uvloop.run(main)
