@@ -19,7 +19,11 @@ key                                type    contents
 =================================  ======  ==========================================
 
 A worker whose ``alive`` key has expired is dead to the router; its other keys
-stay until it deregisters or another worker registers under the same id.
+stay until it deregisters or another worker registers under the same id. A
+worker whose record is gone (Redis restarted without persistence, or flushed)
+registers again at its next heartbeat, so the mesh's view recovers within
+``ttl / 3`` of Redis coming back; a worker that starts while Redis is down
+registers as soon as it is reachable.
 """
 from __future__ import annotations
 
@@ -71,14 +75,21 @@ class Registration:
         self._thread = threading.Thread(target=self._loop, name=f"heartbeat-{wid}", daemon=True)
 
     def start(self) -> "Registration":
+        try:
+            self._register(fresh=True)
+        except redis.RedisError as e:  # the heartbeat registers once Redis answers
+            log.warning("registering %s failed (will retry): %s", self.wid, e)
+        self._thread.start()
+        return self
+
+    def _register(self, fresh: bool = False) -> None:
         p = self.r.pipeline()
-        p.delete(k_worker(self.wid), k_telemetry(self.wid))
+        if fresh:  # a previous life's telemetry under this id is not ours
+            p.delete(k_worker(self.wid), k_telemetry(self.wid))
         p.hset(k_worker(self.wid), mapping=self.info)
         p.sadd(k_workers(), self.wid)
         p.set(k_alive(self.wid), "1", px=int(self.ttl * 1000))
         p.execute()
-        self._thread.start()
-        return self
 
     def publish(self, fields: dict) -> None:
         data = {k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in fields.items()}
@@ -88,7 +99,14 @@ class Registration:
     def _loop(self) -> None:
         while not self._stop.wait(self.ttl / 3):
             try:
-                self.r.set(k_alive(self.wid), "1", px=int(self.ttl * 1000))
+                p = self.r.pipeline()
+                p.set(k_alive(self.wid), "1", px=int(self.ttl * 1000))
+                p.exists(k_worker(self.wid))
+                p.sismember(k_workers(), self.wid)
+                _, has_record, listed = p.execute()
+                if not (has_record and listed):
+                    self._register()
+                    log.info("re-registered %s (its Redis record was gone)", self.wid)
                 if self.telemetry is not None:
                     self.publish(self.telemetry())
             except redis.RedisError as e:  # Redis down: keep serving, retry next beat

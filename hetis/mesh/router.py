@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 import grpc
+import redis
 from prometheus_client import Counter
 
 from hetis.engine.config import EngineConfig
@@ -97,6 +98,8 @@ def _wait(what: str, fn, timeout: float, interval: float = 0.5):
                 return r
         except grpc.RpcError as e:
             last = e.details()
+        except redis.RedisError as e:  # Redis not up yet: keep waiting
+            last = f"Redis: {e}"
         time.sleep(interval)
     raise SystemExit(f"router: timed out after {timeout:.0f}s waiting for {what}"
                      + (f" ({last})" if last else ""))
@@ -232,5 +235,8 @@ class Router:
     def cluster_status(self):
         """The engine's own view (snapshot from the loop thread) plus Redis liveness."""
         snap, steps = self.loop.call(lambda eng: (eng.snapshot(), replace(self.executor.stats)))
-        workers = {w["id"]: w for w in read_workers(self.redis)}
+        try:
+            workers = {w["id"]: w for w in read_workers(self.redis)}
+        except redis.RedisError as e:
+            raise RuntimeError(f"Redis is unreachable ({e}); retry") from None
         return wire.cluster_status_to_proto(snap, self.model_name, self.device_ids, workers, steps)
