@@ -2,27 +2,29 @@
 
 It registers in Redis and waits. A dense worker's ``Join`` tells it the
 model's attention shape and where to rendezvous; it then allocates its KV
-store, profiles its attention cost (the dispatcher's starting model), joins
-the torch.distributed group and serves steps on a thread
-(:class:`~hetis.mesh.tensor_path.AttentionLoop`) until the group stops.
+store, profiles its attention cost (the dispatcher's starting model), opens
+its tensor channel to that dense worker and serves steps on a thread
+(:class:`~hetis.mesh.tensor_path.AttentionLoop`) until the channel stops. The
+channel waits for the next step as long as it must (an idle mesh is fine);
+when the dense worker goes away the channel closes and the worker accepts the
+next ``Join`` (a restarted dense worker).
 """
 from __future__ import annotations
 
-import datetime
 import logging
 import threading
 
-import torch.distributed as dist
 from prometheus_client import Gauge
 
 from hetis.mesh import wire
 from hetis.mesh.discovery import Registration
 from hetis.mesh.flags import WorkerConfig, describe_device
-from hetis.mesh.tensor_path import AttentionLoop
+from hetis.mesh.tensor_path import ATTN, AttentionLoop, connect_store, open_channel
 from hetis.model.attention import AttentionBackend, profile_attention
 from hetis.model.dense import DTYPES
 
 log = logging.getLogger("hetis.attn_worker")
+IDLE_TIMEOUT = 7 * 24 * 3600.0  # a channel may wait this long for the next step (the idle mesh)
 KV_USED = Gauge("hetis:kv_used_tokens", "KV cache in use, tokens x head groups", ["worker"])
 KV_TOTAL = Gauge("hetis:kv_total_tokens", "KV cache capacity, tokens x head groups", ["worker"])
 ATTN_STEPS = Gauge("hetis:attn_steps", "decode/prefill steps served", ["worker"])
@@ -42,6 +44,7 @@ class AttentionWorker:
         self.group_id = ""
         self.lock = threading.Lock()
         self.registration: Registration | None = None
+        self.store = None  # the dense worker's rendezvous store, while a channel is open
 
     def register(self, port: int) -> None:
         address = f"{self.cfg.advertised}:{port}"
@@ -63,16 +66,15 @@ class AttentionWorker:
             backend = AttentionBackend(shape.num_layers, num_blocks, shape.block_size, shape.head_dim,
                                        shape.q_per_group, DTYPES[shape.dtype], self.device)
             cost = profile_attention(backend)
-            dist.init_process_group(rv.backend, init_method=f"tcp://{rv.master_addr}:{rv.master_port}",
-                                    rank=rv.rank, world_size=rv.world_size,
-                                    timeout=datetime.timedelta(seconds=120))
+            self.store = connect_store(rv.master_addr, rv.master_port, timeout=120)
+            channel = open_channel(rv.backend, self.store, rv.group_id, ATTN, IDLE_TIMEOUT)
             comm = "cuda" if rv.backend == "nccl" else "cpu"
-            self.loop = AttentionLoop(backend, shape.num_layers, cost, comm_device=comm)
+            self.loop = AttentionLoop(backend, channel, shape.num_layers, cost, comm_device=comm)
             self.group_id = rv.group_id
             self.thread = threading.Thread(target=self._run, name="attention-loop", daemon=True)
             self.thread.start()
-            log.info("joined tensor group %s as rank %d/%d (%s); cost %.3g s/token, %.3g s/group",
-                     rv.group_id, rv.rank, rv.world_size, rv.backend, *cost)
+            log.info("joined tensor channel %s of %s:%d (%s); cost %.3g s/token, %.3g s/group",
+                     rv.group_id, rv.master_addr, rv.master_port, rv.backend, *cost)
 
     def _run(self) -> None:
         try:

@@ -2,10 +2,11 @@
 
 It loads the model on ``--device``, keeps a local attention backend (its own
 device serves the head groups the router places there), and executes each
-``Step`` the router sends. :meth:`DenseWorker.connect` forms the
-torch.distributed group with the attention workers (rank 0 here, rank i the
-i-th address; NCCL when every end is a CUDA device, gloo otherwise), measures
-each link, and swaps in an executor whose backends 1..N are
+``Step`` the router sends. :meth:`DenseWorker.connect` opens one tensor
+channel per attention worker (a two-rank process group with its own
+rendezvous in this worker's TCPStore; NCCL when both ends are CUDA devices,
+gloo otherwise; a peer that does not answer within ``--peer-timeout`` is
+lost), measures each link, and swaps in an executor whose backends 1..N are
 :class:`~hetis.mesh.tensor_path.RemoteAttention`.
 
 Sampling across the wire: a seeded request's generator lives here, one per
@@ -14,7 +15,6 @@ the sequence was freed, so a seed gives the same tokens as in ``hetis.LLM``.
 """
 from __future__ import annotations
 
-import datetime
 import logging
 import threading
 import uuid
@@ -29,9 +29,8 @@ from hetis.engine.step import Step, StepTimes
 from hetis.mesh import wire
 from hetis.mesh.discovery import Registration, Residency
 from hetis.mesh.flags import DenseWorkerConfig, describe_device
-from hetis.mesh.redisproc import free_port
 from hetis.mesh.service import GRPC_OPTIONS
-from hetis.mesh.tensor_path import RemoteAttention
+from hetis.mesh.tensor_path import DENSE, RemoteAttention, open_channel, serve_store
 from hetis.model.attention import AttentionBackend, profile_attention
 from hetis.model.dense import DenseModel, parse_dtype
 from hetis.model.executor import Executor
@@ -66,6 +65,7 @@ class DenseWorker:
         self.wid = cfg.worker_id or ""
         self.steps = 0
         self.registration: Registration | None = None
+        self.store: dist.TCPStore | None = None
 
     def register(self, port: int) -> None:
         """Announce this worker in Redis (heartbeats and telemetry follow in the background)."""
@@ -108,24 +108,24 @@ class DenseWorker:
         # NCCL only when every end is a CUDA device; otherwise gloo over CPU tensors
         cuda = self.cfg.device.startswith("cuda") and all(d.startswith("cuda") for d in devices)
         self.dist_backend = "nccl" if cuda else "gloo"
-        port = self.cfg.dist_port or free_port()
+        if self.store is None:
+            self.store = serve_store(self.cfg.dist_port)
         mc = self.model_cfg
         shape = wire.AttentionShape(mc.num_layers, mc.q_per_group, mc.head_dim,
                                     self.cfg.block_size, self.cfg.dtype)
-        group_id, world = uuid.uuid4().hex[:12], len(addrs) + 1
-
-        def join(i: int):
-            rv = wire.Rendezvous(self.cfg.advertised, port, i + 1, world, self.dist_backend, group_id)
-            return stubs[i].Join(wire.join_to_proto(shape, rv), timeout=180)
-
-        with ThreadPoolExecutor(len(addrs)) as pool:
-            futs = pool.map(join, range(len(addrs)))
-            dist.init_process_group(self.dist_backend, init_method=f"tcp://0.0.0.0:{port}", rank=0,
-                                    world_size=world, timeout=datetime.timedelta(seconds=120))
-            joined = list(futs)
         comm = "cuda" if cuda else "cpu"
-        remotes = [RemoteAttention(i + 1, mc.q_per_group, mc.head_dim, self.dtype, comm,
-                                   self.cfg.device) for i in range(len(addrs))]
+        joined, remotes = [], []
+        with ThreadPoolExecutor(1) as pool:
+            for stub in stubs:  # one channel per pair, each with its own rendezvous
+                group_id = uuid.uuid4().hex[:12]
+                rv = wire.Rendezvous(self.cfg.advertised, self.store.port, 1, 2, self.dist_backend,
+                                     group_id)
+                answer = pool.submit(stub.Join, wire.join_to_proto(shape, rv), timeout=180)
+                channel = open_channel(self.dist_backend, self.store, group_id, DENSE,
+                                       self.cfg.peer_timeout)
+                joined.append(answer.result())
+                remotes.append(RemoteAttention(channel, mc.q_per_group, mc.head_dim, self.dtype,
+                                               comm, self.cfg.device))
         self.peers = []
         for addr, j, r in zip(addrs, joined, remotes):
             lat, bw = r.measure_link()
@@ -161,12 +161,10 @@ class DenseWorker:
                 "cost_per_token": self.cost[0], "cost_per_group": self.cost[1], "steps": self.steps}
 
     def close(self) -> None:
-        if self.connected:
+        for be in self.executor.backends[1:]:
             try:
-                for be in self.executor.backends[1:]:
-                    be.stop()
-                dist.destroy_process_group()
-            except Exception:  # noqa: BLE001 - workers may be gone already
+                be.stop()
+            except Exception:  # noqa: BLE001 - a worker may be gone already
                 pass
         if self.registration is not None:
             self.registration.stop()

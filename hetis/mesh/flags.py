@@ -40,6 +40,7 @@ class DenseWorkerConfig(WorkerConfig):
     dtype: str = defaults.DEFAULT_DTYPE
     block_size: int = 16
     dist_port: int = 0
+    peer_timeout: float = 10.0
 
 
 @dataclass

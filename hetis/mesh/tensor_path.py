@@ -1,7 +1,12 @@
 """The tensor path between a dense worker and its attention workers.
 
-torch.distributed point-to-point, rank 0 the dense worker, ranks 1..N the
-attention workers (gloo on CPU; NCCL when both ends are CUDA). Per step, the
+One channel per (dense worker, attention worker) pair: a torch.distributed
+process group of two (rank 0 the dense worker, rank 1 the attention worker;
+gloo on CPU, NCCL when both ends are CUDA), built from its own rendezvous
+(a prefix of the dense worker's TCPStore) and never the process-wide default
+group. So the loss of one peer breaks one channel: a killed peer is seen at
+once (the connection closes), a frozen one after ``timeout`` seconds, and the
+worker can join a new channel later (a restarted dense worker). Per step, the
 dense worker sends each attention worker a header ``[command, length]`` and
 an int64 layout (freed sequences, then its items); then per layer one packed
 tensor ``[rows, (q_per_group + 2) * head_dim]`` (q, k, v of its items) goes out
@@ -11,6 +16,7 @@ Control (joining, stats) is gRPC; nothing here touches Redis.
 """
 from __future__ import annotations
 
+import datetime
 import logging
 import time
 
@@ -24,6 +30,33 @@ from hetis.model.attention import AttentionBackend
 log = logging.getLogger("hetis.tensor_path")
 
 CMD_STEP, CMD_PING, CMD_STOP = 1, 2, 3
+DENSE, ATTN = 0, 1  # ranks in a channel
+
+
+def open_channel(backend: str, store: dist.Store, group_id: str, rank: int,
+                 timeout: float) -> dist.ProcessGroup:
+    """The two-rank process group of one (dense, attention) pair; blocks until both ends
+    are there. ``store`` is the dense worker's TCPStore (master there, client here)."""
+    prefixed = dist.PrefixStore(f"hetis/{group_id}", store)
+    td = datetime.timedelta(seconds=timeout)
+    if backend == "nccl":
+        opts = dist.ProcessGroupNCCL.Options()
+        opts._timeout = td
+        return dist.ProcessGroupNCCL(prefixed, rank, 2, opts)
+    if backend != "gloo":
+        raise ValueError(f"backend: must be 'gloo' or 'nccl' (got {backend!r})")
+    return dist.ProcessGroupGloo(prefixed, rank, 2, td)
+
+
+def serve_store(port: int) -> dist.TCPStore:
+    """The dense worker's rendezvous store (0: a free port); every channel is a prefix of it."""
+    return dist.TCPStore("0.0.0.0", port, is_master=True, wait_for_workers=False,
+                         timeout=datetime.timedelta(seconds=60))
+
+
+def connect_store(host: str, port: int, timeout: float) -> dist.Store:
+    """A client of the dense worker's TCPStore (the attention worker's side of a rendezvous)."""
+    return dist.TCPStore(host, port, is_master=False, timeout=datetime.timedelta(seconds=timeout))
 
 
 def encode_layout(items: list[AttnItem], freed=()) -> torch.Tensor:
@@ -52,9 +85,9 @@ class RemoteAttention:
 
     remote = True
 
-    def __init__(self, rank: int, q_per_group: int, head_dim: int, dtype: torch.dtype,
-                 comm_device: str = "cpu", compute_device: str = "cpu"):
-        self.rank, self.qpg, self.D, self.dtype = rank, q_per_group, head_dim, dtype
+    def __init__(self, channel: dist.ProcessGroup, q_per_group: int, head_dim: int,
+                 dtype: torch.dtype, comm_device: str = "cpu", compute_device: str = "cpu"):
+        self.channel, self.qpg, self.D, self.dtype = channel, q_per_group, head_dim, dtype
         self.comm_device, self.compute_device = comm_device, compute_device
         self.rows = 0
         self._works: list = []
@@ -63,7 +96,7 @@ class RemoteAttention:
     def _isend(self, t: torch.Tensor) -> None:
         t = t.to(self.comm_device).contiguous()
         self._keep.append(t)  # a buffer must outlive its send
-        self._works.append(dist.isend(t, dst=self.rank))
+        self._works.append(self.channel.send([t], ATTN, 0))
 
     def begin_step(self, items: list[AttnItem], freed=()) -> None:
         layout = encode_layout(items, freed)
@@ -76,7 +109,7 @@ class RemoteAttention:
 
     def recv(self, layer: int) -> torch.Tensor:
         out = torch.empty(self.rows, self.qpg, self.D, dtype=self.dtype, device=self.comm_device)
-        dist.recv(out, src=self.rank)
+        self.channel.recv([out], ATTN, 0).wait()
         return out.to(self.compute_device)
 
     def end_step(self) -> None:
@@ -90,9 +123,10 @@ class RemoteAttention:
         n = max(1, nbytes // 4)
         buf = torch.zeros(n, dtype=torch.float32, device=self.comm_device)
         t0 = time.perf_counter()
-        dist.send(torch.tensor([CMD_PING, n], dtype=torch.int64, device=self.comm_device), dst=self.rank)
-        dist.send(buf, dst=self.rank)
-        dist.recv(buf, src=self.rank)
+        self.channel.send([torch.tensor([CMD_PING, n], dtype=torch.int64, device=self.comm_device)],
+                          ATTN, 0).wait()
+        self.channel.send([buf], ATTN, 0).wait()
+        self.channel.recv([buf], ATTN, 0).wait()
         return time.perf_counter() - t0
 
     def measure_link(self) -> tuple[float, float]:
@@ -104,7 +138,8 @@ class RemoteAttention:
         return small / 2, bw
 
     def stop(self) -> None:
-        dist.send(torch.tensor([CMD_STOP, 0], dtype=torch.int64, device=self.comm_device), dst=self.rank)
+        self.channel.send([torch.tensor([CMD_STOP, 0], dtype=torch.int64, device=self.comm_device)],
+                          ATTN, 0).wait()
 
 
 class AttentionLoop:
@@ -115,9 +150,9 @@ class AttentionLoop:
     explained by the per-group cost), so the dispatcher sees load changes.
     """
 
-    def __init__(self, backend: AttentionBackend, num_layers: int, cost: tuple[float, float],
-                 comm_device: str = "cpu", alpha: float = 0.1):
-        self.backend, self.L = backend, num_layers
+    def __init__(self, backend: AttentionBackend, channel: dist.ProcessGroup, num_layers: int,
+                 cost: tuple[float, float], comm_device: str = "cpu", alpha: float = 0.1):
+        self.backend, self.channel, self.L = backend, channel, num_layers
         self.comm_device = comm_device
         self.cost_per_token, self.cost_per_group = cost
         self.residency = Residency(backend.block_size)
@@ -127,8 +162,11 @@ class AttentionLoop:
 
     def _recv(self, shape, dtype) -> torch.Tensor:
         t = torch.empty(shape, dtype=dtype, device=self.comm_device)
-        dist.recv(t, src=0)
+        self.channel.recv([t], DENSE, 0).wait()
         return t
+
+    def _send(self, t: torch.Tensor) -> None:
+        self.channel.send([t], DENSE, 0).wait()
 
     def run(self) -> None:
         be = self.backend
@@ -139,8 +177,7 @@ class AttentionLoop:
             if cmd == CMD_STOP:
                 return
             if cmd == CMD_PING:
-                buf = self._recv(n, torch.float32)
-                dist.send(buf, dst=0)
+                self._send(self._recv(n, torch.float32))
                 continue
             items, freed = decode_layout(self._recv(n, torch.int64).cpu())
             self.residency.update(items, freed)
@@ -155,7 +192,7 @@ class AttentionLoop:
                 t0 = time.perf_counter()
                 out = be.attend(layer, q.reshape(rows, qpg, D), k, v)
                 spent += time.perf_counter() - t0
-                dist.send(out.to(self.comm_device).contiguous(), dst=0)
+                self._send(out.to(self.comm_device).contiguous())
             self._learn(items, spent)
 
     def _learn(self, items: list[AttnItem], seconds: float) -> None:

@@ -2,7 +2,7 @@
 
     python -m services.dense_worker --port 50061 --redis-url redis://localhost:6379/0 \\
         [--model PATH] [--dtype float32|bfloat16] [--worker-id dense-0] [--advertise-host HOST] \\
-        [--device cpu|cuda:N] [--kv-tokens N] [--dist-port P] [--threads T] \\
+        [--device cpu|cuda:N] [--kv-tokens N] [--dist-port P] [--peer-timeout S] [--threads T] \\
         [--metrics-port P] [--log-level INFO]
 
 Its own device also serves attention for the head groups the router places
@@ -25,7 +25,9 @@ def parse(argv=None) -> DenseWorkerConfig:
     ap.add_argument("--dtype", default=defaults.DEFAULT_DTYPE, choices=defaults.DTYPE_NAMES)
     ap.add_argument("--block-size", type=positive_int, default=16, help="KV block size in tokens")
     ap.add_argument("--dist-port", type=int, default=0,
-                    help="torch.distributed rendezvous port (0: a free one)")
+                    help="rendezvous port of the tensor channels (a TCPStore; 0: a free one)")
+    ap.add_argument("--peer-timeout", type=float, default=10.0,
+                    help="seconds an attention worker may take to answer before it is lost")
     return from_args(DenseWorkerConfig, ap.parse_args(argv))
 
 
