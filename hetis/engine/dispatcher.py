@@ -40,6 +40,7 @@ class Device:
     remote: bool = False
     latency: float = 0.0              # s per layer exchange
     bandwidth: float = float("inf")   # bytes/s
+    lost: bool = False                # gone (died, or stopped answering): never placed on again
 
     def time(self, tokens: int, groups: int, row_bytes: float, layers: int) -> float:
         t = self.cost_per_token * tokens + self.cost_per_group * groups
@@ -94,15 +95,17 @@ class Dispatcher:
         tokens, groups, reserved = self.state(exclude=seq)
         need = cdiv(self.expected_len(seq), self.block_size)
         free = [d.capacity_blocks - r for d, r in zip(self.devices, reserved)]
+        n = len(self.devices)
         placement = []
         for g in range(self.G):
-            fits = [i for i in range(len(self.devices)) if free[i] >= need]
+            fits = [i for i in range(n) if free[i] >= need and not self.devices[i].lost]
             if not fits:
                 return None
             if self.policy == "local-only":
                 d = 0 if 0 in fits else None
-            elif self.policy == "round-robin":
-                d = (self._rr + g) % len(self.devices)
+            elif self.policy == "round-robin":  # the next live device in turn
+                live = [i for i in range(n) if not self.devices[i].lost]
+                d = live[(self._rr + g) % len(live)]
                 d = d if d in fits else None
             else:
                 d = min(fits, key=lambda i: (self.devices[i].time(

@@ -137,6 +137,25 @@ class Engine:
         if self.scheduler.freed:
             self.executor.execute(Step([], [[] for _ in self.managers], self.take_freed()))
 
+    def lose_devices(self, devices: list[int]) -> list[Sequence]:
+        """Drop devices from dispatch; every sequence with a head group there is recomputed
+        elsewhere (its output so far kept: nothing is streamed twice). Returns those."""
+        for b in devices:
+            self.dispatcher.devices[b].lost = True
+        gone = set(devices)
+        moved = []
+        for seq in reversed(list(self.scheduler.running)):  # the earliest ends first in line
+            if seq.placement and gone & set(seq.placement):
+                self.scheduler.preempt(seq)
+                moved.append(seq)
+        for seq in self.scheduler.waiting:  # placed but not yet admitted
+            if seq.placement and gone & set(seq.placement):
+                seq.placement = None
+        for b in devices:  # whatever is left there is gone with the device
+            for sid in list(self.managers[b].resident()):
+                self.managers[b].free(sid)
+        return moved
+
     def snapshot(self) -> EngineSnapshot:
         """Placement, KV and load per device; call it on the thread that steps the engine."""
         rid = {s.seq_id: s.request_id for s in self.seqs.values()}

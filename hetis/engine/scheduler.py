@@ -84,8 +84,11 @@ class Scheduler:
         for m in self.managers:
             m.free(seq.seq_id)
 
-    def _preempt(self, seq: Sequence) -> None:
+    def preempt(self, seq: Sequence) -> None:
+        """Free a running sequence's KV everywhere and queue it first, to recompute its tokens."""
         self._free(seq)
+        if seq in self.running:
+            self.running.remove(seq)
         seq.num_computed = 0
         seq.placement = None  # re-placed on readmission, with the load of that moment
         seq.status = Status.WAITING
@@ -104,7 +107,7 @@ class Scheduler:
             n = min(seq.num_tokens - seq.num_computed, budget)
             while not self._can_alloc(seq, seq.num_computed + n):
                 victim = queue.pop() if queue else seq
-                self._preempt(victim)
+                self.preempt(victim)
                 if victim is seq:
                     break
             else:

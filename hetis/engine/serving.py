@@ -25,7 +25,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from hetis.engine.engine import Engine
 from hetis.engine.sampling import SamplingParams
-from hetis.engine.step import StepFailed
+from hetis.engine.step import DevicesLost, StepFailed
 
 log = logging.getLogger("hetis.serving")
 
@@ -35,6 +35,8 @@ PROMPT_TOKENS = Counter("hetis:prompt_tokens_total", "prompt tokens admitted")
 GEN_TOKENS = Counter("hetis:generation_tokens_total", "tokens generated")
 SUCCESS = Counter("hetis:request_success_total", "finished requests", ["finished_reason"])
 PREEMPTIONS = Counter("hetis:num_preemptions_total", "preemptions by recompute")
+RECOVERED = Counter("hetis:recovered_sequences_total",
+                    "sequences recomputed elsewhere after a device was lost")
 TTFT = Histogram("hetis:time_to_first_token_seconds", "time to first token",
                  buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30))
 E2E = Histogram("hetis:e2e_request_latency_seconds", "request latency",
@@ -188,6 +190,12 @@ class ServingLoop:
     def _step_safely(self, fn):
         try:
             return fn()
+        except DevicesLost as e:  # recover: recompute what lived there, fail nothing
+            moved = self.engine.lose_devices(e.devices)
+            RECOVERED.inc(len(moved))
+            log.warning("%s; devices %s dropped, %d sequences recomputed elsewhere", e, e.devices,
+                        len(moved))
+            return None
         except Exception as e:  # noqa: BLE001 - the loop must outlive any step
             # the step failed (the executor said so, or a bug): fail the requests in flight,
             # keep serving the next ones

@@ -69,3 +69,15 @@ class StepTimes:
 
 class StepFailed(RuntimeError):
     """The executor could not run a step (e.g. a dense worker failed it)."""
+
+
+class DevicesLost(StepFailed):
+    """The step failed because these attention devices are gone; nothing else is wrong.
+
+    The engine drops them from dispatch and recomputes the sequences that had head
+    groups there (``Engine.lose_devices``); no request fails.
+    """
+
+    def __init__(self, devices: list[int], message: str):
+        self.devices = list(devices)
+        super().__init__(message)

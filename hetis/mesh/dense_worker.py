@@ -9,6 +9,13 @@ gloo otherwise; a peer that does not answer within ``--peer-timeout`` is
 lost), measures each link, and swaps in an executor whose backends 1..N are
 :class:`~hetis.mesh.tensor_path.RemoteAttention`.
 
+Losing an attention worker: when its channel fails in a step (it died, or did
+not answer within ``--peer-timeout``), the other channels finish that step with
+dummy tensors so they stay in step (:meth:`RemoteAttention.drain`), the lost
+backend is replaced by a :class:`LostBackend`, and the step fails with
+:class:`BackendsLost` naming the backend indices; the router then recomputes
+the sequences that lived there on the other devices and retries the rest.
+
 Sampling across the wire: a seeded request's generator lives here, one per
 sequence, created at its first sampled step and dropped when the router says
 the sequence was freed, so a seed gives the same tokens as in ``hetis.LLM``.
@@ -30,7 +37,7 @@ from hetis.mesh import wire
 from hetis.mesh.discovery import Registration, Residency
 from hetis.mesh.flags import DenseWorkerConfig, describe_device
 from hetis.mesh.service import GRPC_OPTIONS
-from hetis.mesh.tensor_path import DENSE, RemoteAttention, open_channel, serve_store
+from hetis.mesh.tensor_path import DENSE, PeerLost, RemoteAttention, open_channel, serve_store
 from hetis.model.attention import AttentionBackend, profile_attention
 from hetis.model.dense import DenseModel, parse_dtype
 from hetis.model.executor import Executor
@@ -42,6 +49,26 @@ log = logging.getLogger("hetis.dense_worker")
 
 class AlreadyConnected(RuntimeError):
     """Connect asked for other attention workers than the group this worker leads."""
+
+
+class BackendsLost(RuntimeError):
+    """A step failed because these backends' attention workers are gone."""
+
+    def __init__(self, backends: list[int], message: str):
+        self.backends = backends
+        super().__init__(message)
+
+
+class LostBackend:
+    """Stands where a lost attention worker was, so backend indices stay the router's."""
+
+    remote = False
+
+    def __init__(self, peer_id: str):
+        self.peer_id = peer_id
+
+    def begin_step(self, items) -> None:
+        raise ValueError(f"work: attention worker {self.peer_id} is lost; place nothing there")
 
 
 class DenseWorker:
@@ -66,6 +93,7 @@ class DenseWorker:
         self.steps = 0
         self.registration: Registration | None = None
         self.store: dist.TCPStore | None = None
+        self.lost_channels: list[RemoteAttention] = []
 
     def register(self, port: int) -> None:
         """Announce this worker in Redis (heartbeats and telemetry follow in the background)."""
@@ -125,7 +153,7 @@ class DenseWorker:
                                        self.cfg.peer_timeout)
                 joined.append(answer.result())
                 remotes.append(RemoteAttention(channel, mc.q_per_group, mc.head_dim, self.dtype,
-                                               comm, self.cfg.device))
+                                               comm, self.cfg.device, peer_id=joined[-1].id))
         self.peers = []
         for addr, j, r in zip(addrs, joined, remotes):
             lat, bw = r.measure_link()
@@ -151,9 +179,29 @@ class DenseWorker:
                     c.generator = self.generators[c.seq_id] = g
         with self.step_lock, torch.inference_mode():
             self.residency.update(step.work[0], step.freed)
-            toks = self.executor.execute(step)
+            try:
+                toks = self.executor.execute(step)
+            except PeerLost as e:
+                lost = self._lose(e.peer)
+                raise BackendsLost(lost, str(e)) from e
             self.steps += 1
             return toks, self.executor.last_times
+
+    def _lose(self, peer: RemoteAttention) -> list[int]:
+        """Drop a failed peer; drain the others' aborted step (any that fails is lost too)."""
+        backends = self.executor.backends
+        lost = [i for i, be in enumerate(backends) if be is peer]
+        for i, be in enumerate(backends):
+            if isinstance(be, RemoteAttention) and be is not peer:
+                try:
+                    be.drain(self.model_cfg.num_layers)
+                except PeerLost:
+                    lost.append(i)
+        for i in lost:
+            log.error("attention worker %s (backend %d) lost", backends[i].peer_id, i)
+            self.lost_channels.append(backends[i])  # dropped, never destroyed mid-operation
+            backends[i] = LostBackend(backends[i].peer_id)
+        return sorted(lost)
 
     def telemetry(self) -> dict:
         return {"kv_used_tokens": self.residency.used_tokens,
@@ -163,7 +211,8 @@ class DenseWorker:
     def close(self) -> None:
         for be in self.executor.backends[1:]:
             try:
-                be.stop()
+                if isinstance(be, RemoteAttention):
+                    be.stop()
             except Exception:  # noqa: BLE001 - a worker may be gone already
                 pass
         if self.registration is not None:

@@ -33,7 +33,7 @@ from hetis.engine.config import EngineConfig
 from hetis.engine.engine import build_engine
 from hetis.engine.sampling import ParamError, SamplingParams
 from hetis.engine.serving import ServingLoop
-from hetis.engine.step import Step, StepFailed, StepTimes
+from hetis.engine.step import DevicesLost, Step, StepFailed, StepTimes
 from hetis.mesh import wire
 from hetis.mesh.discovery import connect, read_workers
 from hetis.mesh.flags import RouterConfig
@@ -82,7 +82,11 @@ class RemoteExecutor:
         try:
             resp = self.stub.Step(wire.step_to_proto(step, self._step_id), timeout=self.timeout)
         except grpc.RpcError as e:
-            raise StepFailed(f"dense worker step failed: {e.code().name}: {e.details()}") from None
+            msg = f"dense worker step failed: {e.code().name}: {e.details()}"
+            lost = wire.lost_backends_from_metadata(e.trailing_metadata())
+            if lost:
+                raise DevicesLost(lost, msg) from None
+            raise StepFailed(msg) from None
         tokens, self.last_times = wire.step_result_from_proto(resp)
         self.stats.add(time.perf_counter() - t0, self.last_times)
         return tokens

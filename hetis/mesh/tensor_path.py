@@ -80,16 +80,45 @@ def decode_layout(t: torch.Tensor) -> tuple[list[AttnItem], list[int]]:
     return items, freed
 
 
+class PeerLost(RuntimeError):
+    """An attention worker's channel failed (it died, or did not answer in time)."""
+
+    def __init__(self, peer: "RemoteAttention", cause: BaseException):
+        self.peer = peer
+        super().__init__(f"attention worker {peer.peer_id} lost: {type(cause).__name__}: "
+                         f"{' '.join(str(cause).split())[:200]}")
+
+
+def _guarded(method):
+    """Any failure of a channel operation is this peer's loss (PeerLost names it)."""
+    def wrapper(self, *args):
+        try:
+            return method(self, *args)
+        except PeerLost:
+            raise
+        except Exception as e:  # noqa: BLE001 - gloo/NCCL raise RuntimeError subclasses
+            raise PeerLost(self, e) from e
+    return wrapper
+
+
 class RemoteAttention:
-    """An attention worker, seen from the dense worker (backend with send/recv)."""
+    """An attention worker, seen from the dense worker (backend with send/recv).
+
+    It counts the layers it has sent and received in the current step, so that when
+    another peer fails mid-step :meth:`drain` can finish this channel's step with
+    dummy inputs (their outputs discarded, their cache writes overwritten when the
+    router re-runs those tokens) and the channel stays in step for the next one.
+    """
 
     remote = True
 
     def __init__(self, channel: dist.ProcessGroup, q_per_group: int, head_dim: int,
-                 dtype: torch.dtype, comm_device: str = "cpu", compute_device: str = "cpu"):
+                 dtype: torch.dtype, comm_device: str = "cpu", compute_device: str = "cpu",
+                 peer_id: str = ""):
         self.channel, self.qpg, self.D, self.dtype = channel, q_per_group, head_dim, dtype
         self.comm_device, self.compute_device = comm_device, compute_device
-        self.rows = 0
+        self.peer_id = peer_id
+        self.rows = self.sent = self.received = 0
         self._works: list = []
         self._keep: list[torch.Tensor] = []
 
@@ -98,26 +127,45 @@ class RemoteAttention:
         self._keep.append(t)  # a buffer must outlive its send
         self._works.append(self.channel.send([t], ATTN, 0))
 
+    @_guarded
     def begin_step(self, items: list[AttnItem], freed=()) -> None:
         layout = encode_layout(items, freed)
+        self.rows = sum(it.num_new for it in items)
+        self.sent = self.received = 0
         self._isend(torch.tensor([CMD_STEP, layout.numel()], dtype=torch.int64))
         self._isend(layout)
-        self.rows = sum(it.num_new for it in items)
 
+    @_guarded
     def send(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         self._isend(torch.cat([q.reshape(self.rows, -1), k, v], dim=1).to(self.dtype))
+        self.sent += 1
 
+    @_guarded
     def recv(self, layer: int) -> torch.Tensor:
         out = torch.empty(self.rows, self.qpg, self.D, dtype=self.dtype, device=self.comm_device)
         self.channel.recv([out], ATTN, 0).wait()
+        self.received += 1
         return out.to(self.compute_device)
 
+    @_guarded
     def end_step(self) -> None:
         for w in self._works:
             w.wait()
         self._works.clear()
         self._keep.clear()
 
+    def drain(self, num_layers: int) -> None:
+        """Finish an aborted step: dummy inputs for the layers not sent, every output read."""
+        if self.rows:
+            width = (self.qpg + 2) * self.D
+            for layer in range(self.received, num_layers):
+                if layer >= self.sent:
+                    self._isend(torch.zeros(self.rows, width, dtype=self.dtype))
+                    self.sent += 1
+                self.recv(layer)
+        self.end_step()
+
+    @_guarded
     def ping(self, nbytes: int) -> float:
         """Round trip of ``nbytes`` through the worker, in seconds."""
         n = max(1, nbytes // 4)

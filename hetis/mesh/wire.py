@@ -278,6 +278,23 @@ def step_from_proto(req: wpb.StepRequest, num_backends: int) -> Step:
     return Step(chunks, work, list(req.freed_seq_ids))
 
 
+# A Step that failed because attention workers were lost says which backends, in its
+# trailing metadata, so the router can recover (recompute what lived there) instead of
+# failing the requests.
+LOST_BACKENDS_KEY = "hetis-lost-backends"
+
+
+def backends_to_metadata(backends: list[int]) -> str:
+    return ",".join(map(str, backends))
+
+
+def lost_backends_from_metadata(metadata) -> list[int]:
+    for key, value in metadata or ():
+        if key == LOST_BACKENDS_KEY:
+            return [int(b) for b in value.split(",") if b]
+    return []
+
+
 def step_result_to_proto(step_id: int, tokens: list[int], t: StepTimes) -> wpb.StepResponse:
     return wpb.StepResponse(step_id=step_id, token_ids=tokens, timings=wpb.StepTimings(
         total_s=t.total, dense_s=t.dense, local_attn_s=t.local_attn, exchange_wait_s=t.exchange_wait))

@@ -7,7 +7,7 @@ import grpc
 from prometheus_client import Counter, Histogram
 
 from hetis.mesh import wire
-from hetis.mesh.dense_worker import AlreadyConnected, DenseWorker
+from hetis.mesh.dense_worker import AlreadyConnected, BackendsLost, DenseWorker
 from hetis.mesh.flags import DenseWorkerConfig, apply_threads, check_device
 from hetis.mesh.service import serve, setup_logging
 from hetis.v1 import worker_pb2, worker_pb2_grpc
@@ -43,6 +43,9 @@ class DenseWorkerServicer(worker_pb2_grpc.DenseWorkerServicer):
             ctx.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         try:
             toks, t = self.worker.execute(step)
+        except BackendsLost as e:  # the router recovers: it reads which backends from metadata
+            ctx.set_trailing_metadata(((wire.LOST_BACKENDS_KEY, wire.backends_to_metadata(e.backends)),))
+            ctx.abort(grpc.StatusCode.UNAVAILABLE, f"step {req.step_id}: {e}")
         except (IndexError, ValueError) as e:  # a layout that does not fit this worker's cache
             log.exception("step %d rejected", req.step_id)
             ctx.abort(grpc.StatusCode.INVALID_ARGUMENT, f"step {req.step_id}: {e}")

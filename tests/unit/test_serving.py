@@ -117,3 +117,32 @@ def test_any_step_exception_fails_the_batch_not_the_loop(loop):
     assert isinstance(outs[-1], RuntimeError) and "IndexError: a bug" in str(outs[-1])
     outs = drain(lp.submit("good", [1, 2], SamplingParams(max_tokens=2, ignore_eos=True), None))
     assert outs[-1].finished and lp.thread.is_alive()
+
+
+def test_a_lost_device_recomputes_its_sequences_elsewhere_and_fails_nothing(loop):
+    from hetis.engine.step import DevicesLost
+
+    class LosesDevice2(FakeExecutor):
+        lost = False
+
+        def execute(self, step):
+            if not self.lost and len(self.steps) == 4 and step.work[2]:
+                self.lost = True
+                raise DevicesLost([2], "attention worker attn-1 lost")
+            assert not step.work[2] or not self.lost, "work placed on a lost device"
+            return super().execute(step)
+
+    forever = dict(max_tokens=12, ignore_eos=True)
+    ex = LosesDevice2()
+    lp = ServingLoop(fake_engine(devices=3, policy="round-robin", executor=ex), 16).start()
+    try:
+        queues = [lp.submit(f"r{i}", [1 + i, 2, 3], SamplingParams(**forever), None) for i in range(4)]
+        outs = [drain(q) for q in queues]
+        snap = lp.call(lambda eng: eng.snapshot())
+    finally:
+        lp.stop()
+    assert ex.lost
+    for i, o in enumerate(outs):
+        assert o[-1].finished and not isinstance(o[-1], Exception)
+        assert [t for x in o for t in x.new_token_ids] == [(p + 1) % 50 for p in range(3, 15)]
+    assert snap.devices[2].used_tokens == 0
