@@ -41,6 +41,7 @@ class DeviceState:
     load: float                         # predicted attention seconds per step
     cost_per_token: float
     resident: dict[str, list[int]]      # request id -> head groups held
+    lost: bool = False                  # dropped from dispatch (died or stopped answering)
 
 
 @dataclass
@@ -156,6 +157,31 @@ class Engine:
                 self.managers[b].free(sid)
         return moved
 
+    def add_device(self, device: Device, index: int | None = None) -> int:
+        """A device joins dispatch: a new index, or (``index``) a lost one that came back
+        (its blocks all free). Returns its index; call between steps."""
+        manager = BlockManager(device.capacity_blocks, self.cfg.block_size)
+        if index is None:
+            self.dispatcher.devices.append(device)
+            self.managers.append(manager)
+            return len(self.managers) - 1
+        self.dispatcher.devices[index] = device
+        self.managers[index] = manager
+        return index
+
+    def reset_devices(self, devices: list[Device]) -> list[Sequence]:
+        """Start over on a new set of devices (the dense worker restarted: every KV cache is
+        gone). Every running sequence is recomputed; returns those. Call between steps."""
+        moved = [s for s in reversed(list(self.scheduler.running))]
+        for seq in moved:
+            self.scheduler.preempt(seq)
+        for seq in self.scheduler.waiting:
+            seq.placement = None
+        self.scheduler.freed.clear()  # the new workers never held them
+        self.dispatcher.devices[:] = devices
+        self.managers[:] = [BlockManager(d.capacity_blocks, self.cfg.block_size) for d in devices]
+        return moved
+
     def snapshot(self) -> EngineSnapshot:
         """Placement, KV and load per device; call it on the thread that steps the engine."""
         rid = {s.seq_id: s.request_id for s in self.seqs.values()}
@@ -163,7 +189,8 @@ class Engine:
         tokens, groups, _ = d.state()
         loads = d.predicted_times(tokens, groups)
         devices = [DeviceState(m.used_tokens, m.capacity_tokens, load, dev.cost_per_token,
-                               {rid.get(s, str(s)): gs for s, gs in sorted(m.resident().items())})
+                               {rid.get(s, str(s)): gs for s, gs in sorted(m.resident().items())},
+                               dev.lost)
                    for m, dev, load in zip(self.managers, d.devices, loads)]
         return EngineSnapshot(d.policy, len(self.scheduler.waiting), len(self.scheduler.running),
                               devices)

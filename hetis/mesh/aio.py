@@ -85,12 +85,26 @@ class AsyncService:
             await self.health.set(name, status)
 
 
+async def _follow(svc: AsyncService, ready: Callable[[], bool]) -> None:
+    """Keep the health status equal to ``ready()`` (checked every 0.5 s)."""
+    last = True
+    while True:
+        now = bool(ready())
+        if now != last:
+            await svc.set_serving(now)
+            log.warning("%s: %s", svc.name, "SERVING again" if now else "NOT_SERVING")
+            last = now
+        await asyncio.sleep(0.5)
+
+
 async def serve_async(name: str, port: int, handlers: list[grpc.GenericRpcHandler],
                       service_names: list[str], start: Callable[[], Awaitable[None]],
                       on_stop: Callable[[], None] | None = None, metrics_port: int | None = None,
-                      host: str = "0.0.0.0", grace: float = 5.0) -> None:
-    """Serve until SIGTERM/SIGINT: listen (NOT_SERVING), await ``start()``, SERVING; on a
-    signal NOT_SERVING, let calls finish for ``grace`` seconds, then ``on_stop()``."""
+                      host: str = "0.0.0.0", grace: float = 5.0,
+                      ready: Callable[[], bool] | None = None) -> None:
+    """Serve until SIGTERM/SIGINT: listen (NOT_SERVING), await ``start()``, SERVING (then, with
+    ``ready``, SERVING exactly while it says so); on a signal NOT_SERVING, let calls finish
+    for ``grace`` seconds, then ``on_stop()``."""
     svc = AsyncService(name, port, handlers, service_names, host, metrics_port)
     await svc.set_serving(False)
     await svc.server.start()
@@ -107,7 +121,10 @@ async def serve_async(name: str, port: int, handlers: list[grpc.GenericRpcHandle
         starting.result()  # a failed start-up ends the process with its error
         await svc.set_serving(True)
         log.info("%s serving", name)
+        follower = asyncio.ensure_future(_follow(svc, ready)) if ready is not None else None
         await waiting
+        if follower is not None:
+            follower.cancel()
     else:
         starting.cancel()
     log.info("%s: shutting down", name)

@@ -47,8 +47,8 @@ from hetis.v1 import worker_pb2, worker_pb2_grpc
 log = logging.getLogger("hetis.dense_worker")
 
 
-class AlreadyConnected(RuntimeError):
-    """Connect asked for other attention workers than the group this worker leads."""
+class ConnectFailed(RuntimeError):
+    """None of the attention workers asked for could be joined."""
 
 
 class BackendsLost(RuntimeError):
@@ -84,9 +84,10 @@ class DenseWorker:
         self.cost = profile_attention(self.local)
         self.residency = Residency(cfg.block_size)
         self.executor = Executor(self.model, [self.local])
-        self.peers: list[wire.Peer] = []
-        self.dist_backend = ""
-        self.connected: tuple[str, ...] | None = None
+        self.peers: list[wire.Peer] = []     # backend i + 1 is peers[i]
+        self.dist_backends: set[str] = set()
+        self.connected = False
+        self.connect_lock = threading.Lock()
         self.generators: dict[int, torch.Generator] = {}
         self.step_lock = threading.Lock()
         self.wid = cfg.worker_id or ""
@@ -108,59 +109,67 @@ class DenseWorker:
         c = self.cfg
         return wire.dense_info_to_proto(self.wid, c.model or DEFAULT_MODEL_NAME, c.dtype,
                                         describe_device(c.device), self.model_cfg, c.block_size,
-                                        c.kv_tokens, self.peers, self.dist_backend)
+                                        c.kv_tokens, self.peers, ",".join(sorted(self.dist_backends)))
 
     def connect(self, addrs: tuple[str, ...]) -> worker_pb2.DenseInfo:
-        """Lead a tensor group with these attention workers (once; the same list again is a no-op)."""
-        with self.step_lock:
-            if self.connected is not None:
-                if addrs == self.connected:
-                    return self.info()
-                raise AlreadyConnected(f"already connected to {list(self.connected)}; restart the "
-                                       "dense worker to change its attention workers")
-            if addrs:
-                self._form_group(addrs)
-            self.connected = addrs
+        """Open a channel to each attention worker in ``addrs`` that has no live one.
+
+        Additive, so the router can call it whenever a worker appears: a worker with a
+        live channel keeps its backend index, a lost one answering again at the same
+        address takes its old index back, a new one gets the next index. Joining happens
+        outside the step lock (steps go on); only the swap-in takes it. Raises
+        ConnectFailed when none of the new workers could be joined.
+        """
+        with self.connect_lock:
+            live = {p.address for p in self.peers if not p.lost}
+            todo = [a for a in dict.fromkeys(addrs) if a not in live]
+            errors = []
+            for addr in todo:
+                try:
+                    remote, peer = self._join(addr)
+                except (grpc.RpcError, PeerLost, RuntimeError) as e:
+                    why = e.details() if isinstance(e, grpc.RpcError) else str(e)
+                    log.warning("attention worker at %s: join failed: %s", addr, why)
+                    errors.append(f"{addr}: {why}")
+                    continue
+                with self.step_lock:
+                    backends = self.executor.backends
+                    old = next((i for i, p in enumerate(self.peers) if p.lost and p.address == addr), None)
+                    if old is None:
+                        backends.append(remote)
+                        self.peers.append(peer)
+                    else:
+                        backends[old + 1], self.peers[old] = remote, peer
+                log.info("attention worker %s at %s is backend %d: latency %.1f us, bandwidth %.2f GB/s",
+                         peer.id, addr, backends.index(remote), peer.latency_s * 1e6, peer.bandwidth_bps / 1e9)
+            if todo and len(errors) == len(todo):
+                raise ConnectFailed("; ".join(errors))
+            self.connected = True
             return self.info()
 
-    def _form_group(self, addrs: tuple[str, ...]) -> None:
-        channels = [grpc.insecure_channel(a, options=GRPC_OPTIONS) for a in addrs]
-        try:
-            self._form_group_over(addrs, [worker_pb2_grpc.AttentionWorkerStub(c) for c in channels])
-        finally:
-            for c in channels:
-                c.close()
-
-    def _form_group_over(self, addrs: tuple[str, ...], stubs: list) -> None:
-        devices = [s.Stats(worker_pb2.StatsRequest(), timeout=30).device for s in stubs]
-        # NCCL only when every end is a CUDA device; otherwise gloo over CPU tensors
-        cuda = self.cfg.device.startswith("cuda") and all(d.startswith("cuda") for d in devices)
-        self.dist_backend = "nccl" if cuda else "gloo"
-        if self.store is None:
-            self.store = serve_store(self.cfg.dist_port)
-        mc = self.model_cfg
-        shape = wire.AttentionShape(mc.num_layers, mc.q_per_group, mc.head_dim,
-                                    self.cfg.block_size, self.cfg.dtype)
-        comm = "cuda" if cuda else "cpu"
-        joined, remotes = [], []
-        with ThreadPoolExecutor(1) as pool:
-            for stub in stubs:  # one channel per pair, each with its own rendezvous
-                group_id = uuid.uuid4().hex[:12]
-                rv = wire.Rendezvous(self.cfg.advertised, self.store.port, 1, 2, self.dist_backend,
-                                     group_id)
+    def _join(self, addr: str) -> tuple[RemoteAttention, wire.Peer]:
+        """Ask the worker at ``addr`` to join a new channel; open it and measure the link."""
+        with grpc.insecure_channel(addr, options=GRPC_OPTIONS) as ch:
+            stub = worker_pb2_grpc.AttentionWorkerStub(ch)
+            device = stub.Stats(worker_pb2.StatsRequest(), timeout=30).device
+            # NCCL only when both ends are CUDA devices; otherwise gloo over CPU tensors
+            backend = "nccl" if self.cfg.device.startswith("cuda") and device.startswith("cuda") else "gloo"
+            if self.store is None:
+                self.store = serve_store(self.cfg.dist_port)
+            mc = self.model_cfg
+            shape = wire.AttentionShape(mc.num_layers, mc.q_per_group, mc.head_dim,
+                                        self.cfg.block_size, self.cfg.dtype)
+            group_id = uuid.uuid4().hex[:12]
+            rv = wire.Rendezvous(self.cfg.advertised, self.store.port, 1, 2, backend, group_id)
+            with ThreadPoolExecutor(1) as pool:
                 answer = pool.submit(stub.Join, wire.join_to_proto(shape, rv), timeout=180)
-                channel = open_channel(self.dist_backend, self.store, group_id, DENSE,
-                                       self.cfg.peer_timeout)
-                joined.append(answer.result())
-                remotes.append(RemoteAttention(channel, mc.q_per_group, mc.head_dim, self.dtype,
-                                               comm, self.cfg.device, peer_id=joined[-1].id))
-        self.peers = []
-        for addr, j, r in zip(addrs, joined, remotes):
-            lat, bw = r.measure_link()
-            self.peers.append(wire.Peer(j.id, addr, j.device, j.kv_tokens, lat, bw))
-            log.info("attention worker %s at %s: latency %.1f us, bandwidth %.2f GB/s",
-                     j.id, addr, lat * 1e6, bw / 1e9)
-        self.executor = Executor(self.model, [self.local] + remotes)
+                channel = open_channel(backend, self.store, group_id, DENSE, self.cfg.peer_timeout)
+                j = answer.result()
+        self.dist_backends.add(backend)
+        remote = RemoteAttention(channel, mc.q_per_group, mc.head_dim, self.dtype,
+                                 "cuda" if backend == "nccl" else "cpu", self.cfg.device, peer_id=j.id)
+        lat, bw = remote.measure_link()
+        return remote, wire.Peer(j.id, addr, j.device, j.kv_tokens, lat, bw)
 
     # ------------------------------------------------------------ the step
     @property
@@ -201,6 +210,7 @@ class DenseWorker:
             log.error("attention worker %s (backend %d) lost", backends[i].peer_id, i)
             self.lost_channels.append(backends[i])  # dropped, never destroyed mid-operation
             backends[i] = LostBackend(backends[i].peer_id)
+            self.peers[i - 1].lost = True
         return sorted(lost)
 
     def telemetry(self) -> dict:

@@ -6,8 +6,19 @@ Start-up (:meth:`Router.start`): wait for the dense worker's ``Info``, wait for
 ``build_engine`` over the devices the dense worker reports (its own and each
 attention worker, with measured link latency and bandwidth). The engine's
 executor is a :class:`RemoteExecutor`: each ``Step`` becomes one ``Step`` gRPC
-call. A background thread copies the workers' measured attention costs from
-Redis into the dispatcher's device models every second (online refinement).
+call. A background thread (:meth:`Router._watch`) reads Redis every second: it
+copies the workers' measured attention costs into the dispatcher's device
+models (online refinement), and it has the dense worker ``Connect`` any live
+attention worker that is not in dispatch (one started later, or a lost one
+that came back), then adds it to the engine (``Engine.add_device``) between
+two steps. ``--attn-workers N`` is how many to wait for before serving.
+
+The same thread asks the dense worker for its ``Info``: while it does not
+answer the router is not ready (health NOT_SERVING; steps fail fast with
+UNAVAILABLE). When it answers with fewer peers than the router knows, it has
+restarted with empty caches: the router starts over on its devices
+(``Engine.reset_devices``: running sequences are recomputed, nothing already
+streamed is repeated) and connects the attention workers to it again.
 
 The public gRPC servicer (services/router/server.py, on asyncio) only maps
 calls to the methods here. Three kinds of thread, none per stream: the event
@@ -138,8 +149,10 @@ class Router:
         self.executor = RemoteExecutor(dense)
         self.engine = build_engine(self.executor, self.tokenizer, mc, ecfg, devices,
                                    policy=cfg.policy, kv_bytes=2 if info.dtype == "bfloat16" else 4)
+        self.dense = dense
+        self.dense_ok = True
         self.loop = ServingLoop(self.engine, cfg.max_queue).start()
-        threading.Thread(target=self._refresh_costs, daemon=True, name="cost-refresh").start()
+        threading.Thread(target=self._watch, daemon=True, name="membership").start()
         log.info("router ready: %d attention workers, policy %s", len(info.peers), cfg.policy)
         return self
 
@@ -153,20 +166,80 @@ class Router:
             return sorted(live, key=lambda w: w["id"])[:n] if len(live) >= n else None
         return _wait(f"{n} attention workers in Redis", enough, self.cfg.startup_timeout)
 
-    def _refresh_costs(self) -> None:
-        """Online refinement: take the workers' measured costs from Redis every second."""
+    def _watch(self) -> None:
+        """Every second: refresh the cost models from Redis; connect attention workers that
+        are alive but not in dispatch (a failed join is retried after 10 s)."""
         r = connect(self.cfg.redis_url)
-        devices = self.engine.dispatcher.devices
+        retry_at: dict[str, float] = {}
         while not self._stop.wait(1.0):
             try:
                 by_id = {w["id"]: w for w in read_workers(r)}
             except Exception as e:  # noqa: BLE001 - Redis hiccup: keep the last model
                 log.warning("telemetry read failed: %s", e)
                 continue
-            for dev, wid in zip(devices, self.device_ids):
+            if not self._check_dense():
+                continue
+            devices = self.engine.dispatcher.devices
+            for dev, wid in zip(list(devices), list(self.device_ids)):
                 w = by_id.get(wid)
                 if w and w["cost_per_token"] > 0:
                     dev.cost_per_token, dev.cost_per_group = w["cost_per_token"], w["cost_per_group"]
+            active = {wid for dev, wid in zip(list(devices), list(self.device_ids)) if not dev.lost}
+            now = time.monotonic()
+            for w in by_id.values():
+                if (w["kind"] == "attention" and w["alive"] and w["id"] not in active
+                        and retry_at.get(w["id"], 0) <= now):
+                    if not self._connect(w):
+                        retry_at[w["id"]] = now + 10.0
+
+    def ready(self) -> bool:
+        """Whether requests can be served (the health service follows it)."""
+        return self.dense_ok and not self._stop.is_set()
+
+    def _check_dense(self) -> bool:
+        """Is the dense worker there, and is it the one we connected? Starts over on a
+        restarted one (it answers with fewer peers than we know)."""
+        try:
+            info = self.dense.Info(worker_pb2.InfoRequest(), timeout=2)
+        except grpc.RpcError:
+            if self.dense_ok:
+                log.error("dense worker at %s is not answering", self.cfg.dense_worker)
+            self.dense_ok = False
+            return False
+        if len(info.peers) < len(self.device_ids) - 1:
+            devices, ids = wire.devices_from_info(info)
+            moved = self.loop.call(lambda eng: eng.reset_devices(devices))
+            self.device_ids[:] = ids
+            log.warning("dense worker restarted: starting over on it (%d sequences recomputed); "
+                        "attention workers reconnect", len(moved))
+        if not self.dense_ok:
+            log.info("dense worker at %s is back", self.cfg.dense_worker)
+        self.dense_ok = True
+        return True
+
+    def _connect(self, worker: dict) -> bool:
+        """Have the dense worker join ``worker``; put its backend into dispatch."""
+        try:
+            info = self.dense.Connect(worker_pb2.ConnectRequest(attn_addresses=[worker["address"]]),
+                                      timeout=240)
+        except grpc.RpcError as e:
+            log.warning("attention worker %s at %s not connected: %s", worker["id"],
+                        worker["address"], e.details())
+            return False
+        devices, ids = wire.devices_from_info(info)
+        for i, (dev, wid) in enumerate(zip(devices, ids)):
+            if i == 0 or dev.lost:
+                continue
+            if i >= len(self.device_ids):
+                self.loop.call(lambda eng, dev=dev: eng.add_device(dev))
+                self.device_ids.append(wid)
+            elif self.engine.dispatcher.devices[i].lost:
+                self.loop.call(lambda eng, dev=dev, i=i: eng.add_device(dev, index=i))
+                self.device_ids[i] = wid
+            else:
+                continue
+            log.info("attention worker %s joined dispatch as device %d", wid, i)
+        return True
 
     def close(self) -> None:
         self._stop.set()
@@ -210,6 +283,9 @@ class Router:
         engine refused the input), RuntimeError (the step failed). Leaving the generator
         early (a cancelled call, a gone client) aborts the request and frees its KV.
         """
+        if not self.dense_ok:
+            raise RuntimeError(f"the dense worker at {self.cfg.dense_worker} is not answering; "
+                               "retry when the router reports SERVING")
         aio = asyncio.get_running_loop()
         outputs: asyncio.Queue = asyncio.Queue()
         admitted = self.loop.add(request_id, ids, params, prompt,

@@ -215,7 +215,8 @@ def model_info_to_proto(cfg, name: str, dtype: str, max_model_len: int, tokenize
 def cluster_status_to_proto(snap, model: str, device_ids: list[str], workers: dict[str, dict],
                             steps) -> pb.ClusterStatus:
     """The engine's snapshot (placement, KV, load: the router's truth), with each worker's
-    liveness, kind, device and address from Redis, and the router's step breakdown."""
+    liveness, kind, device and address from Redis (a device the router lost is shown dead
+    until it rejoins), and the router's step breakdown."""
     st = pb.ClusterStatus(policy=snap.policy, waiting=snap.waiting, running=snap.running, model=model,
                           steps=pb.StepBreakdown(
                               steps=steps.steps, step_call_s=steps.rpc_s,
@@ -225,7 +226,7 @@ def cluster_status_to_proto(snap, model: str, device_ids: list[str], workers: di
         w = workers.get(wid, {})
         ws = st.workers.add(id=wid, kind=w.get("kind", "dense" if i == 0 else "attention"),
                             device=w.get("device", ""), address=w.get("address", ""),
-                            alive=w.get("alive", False), kv_used_tokens=dev.used_tokens,
+                            alive=w.get("alive", False) and not dev.lost, kv_used_tokens=dev.used_tokens,
                             kv_total_tokens=dev.total_tokens, load=dev.load,
                             cost_per_token=dev.cost_per_token)
         for rid, groups in dev.resident.items():
@@ -356,6 +357,7 @@ class Peer:
     kv_tokens: int
     latency_s: float
     bandwidth_bps: float
+    lost: bool = False
 
 
 def dense_info_to_proto(wid: str, model: str, dtype: str, device: str, mc, block_size: int,
@@ -375,7 +377,7 @@ def devices_from_info(info: wpb.DenseInfo) -> tuple[list[Device], list[str]]:
     bs = info.block_size
     devices = [Device(info.id, max(1, info.kv_tokens // bs))] + [
         Device(p.id, max(1, p.kv_tokens // bs), remote=True, latency=p.latency_s,
-               bandwidth=p.bandwidth_bps) for p in info.peers]
+               bandwidth=p.bandwidth_bps, lost=p.lost) for p in info.peers]
     return devices, [info.id] + [p.id for p in info.peers]
 
 

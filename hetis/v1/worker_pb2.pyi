@@ -87,20 +87,22 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class AttentionPeer(_message.Message):
-    __slots__ = ("id", "address", "device", "kv_tokens", "latency_s", "bandwidth_bps")
+    __slots__ = ("id", "address", "device", "kv_tokens", "latency_s", "bandwidth_bps", "lost")
     ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     KV_TOKENS_FIELD_NUMBER: _ClassVar[int]
     LATENCY_S_FIELD_NUMBER: _ClassVar[int]
     BANDWIDTH_BPS_FIELD_NUMBER: _ClassVar[int]
+    LOST_FIELD_NUMBER: _ClassVar[int]
     id: str
     address: str
     device: str
     kv_tokens: int
     latency_s: float
     bandwidth_bps: float
-    def __init__(self, id: _Optional[str] = ..., address: _Optional[str] = ..., device: _Optional[str] = ..., kv_tokens: _Optional[int] = ..., latency_s: _Optional[float] = ..., bandwidth_bps: _Optional[float] = ...) -> None: ...
+    lost: bool
+    def __init__(self, id: _Optional[str] = ..., address: _Optional[str] = ..., device: _Optional[str] = ..., kv_tokens: _Optional[int] = ..., latency_s: _Optional[float] = ..., bandwidth_bps: _Optional[float] = ..., lost: _Optional[bool] = ...) -> None: ...
 
 class DenseInfo(_message.Message):
     __slots__ = ("id", "model", "dtype", "device", "num_layers", "num_kv_heads", "q_per_group", "head_dim", "block_size", "kv_tokens", "peers", "backend")

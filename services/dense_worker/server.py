@@ -7,7 +7,7 @@ import grpc
 from prometheus_client import Counter, Histogram
 
 from hetis.mesh import wire
-from hetis.mesh.dense_worker import AlreadyConnected, BackendsLost, DenseWorker
+from hetis.mesh.dense_worker import BackendsLost, ConnectFailed, DenseWorker
 from hetis.mesh.flags import DenseWorkerConfig, apply_threads, check_device
 from hetis.mesh.service import serve, setup_logging
 from hetis.v1 import worker_pb2, worker_pb2_grpc
@@ -31,10 +31,8 @@ class DenseWorkerServicer(worker_pb2_grpc.DenseWorkerServicer):
             ctx.abort(grpc.StatusCode.INVALID_ARGUMENT, "attn_addresses: each must be host:port")
         try:
             return self.worker.connect(addrs)
-        except AlreadyConnected as e:
-            ctx.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
-        except grpc.RpcError as e:
-            ctx.abort(grpc.StatusCode.UNAVAILABLE, f"attention worker join failed: {e.details()}")
+        except ConnectFailed as e:
+            ctx.abort(grpc.StatusCode.UNAVAILABLE, f"attention worker join failed: {e}")
 
     def Step(self, req: worker_pb2.StepRequest, ctx):
         try:

@@ -28,7 +28,7 @@ def parse(argv=None) -> RouterConfig:
                     help="Redis (env HETIS_REDIS_URL)")
     ap.add_argument("--dense-worker", required=True, help="the dense worker's gRPC host:port")
     ap.add_argument("--attn-workers", type=nonneg_int, default=0,
-                    help="attention workers to wait for in Redis and connect (default 0)")
+                    help="attention workers to wait for in Redis before serving; more join later (default 0)")
     ap.add_argument("--policy", default=defaults.DEFAULT_POLICY, choices=defaults.POLICIES,
                     help="head dispatch policy")
     ap.add_argument("--model", default=None,

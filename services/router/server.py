@@ -84,5 +84,5 @@ def run(cfg: RouterConfig) -> None:
         service = pb.DESCRIPTOR.services_by_name["Generation"]
         await serve_async("router", cfg.port, [checked_handlers(Generation(router), service)],
                           [service.full_name], start, on_stop=router.close,
-                          metrics_port=cfg.metrics_port, host=cfg.host)
+                          metrics_port=cfg.metrics_port, host=cfg.host, ready=router.ready)
     run_loop(main())

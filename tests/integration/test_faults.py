@@ -1,13 +1,15 @@
 """Faults with real processes: the mesh keeps serving through them."""
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 
 import grpc
 
 from hetis import SamplingParams
-from hetis.mesh.redisproc import RedisProcess
+from hetis.mesh.redisproc import RedisProcess, free_port
 from hetis.v1 import generation_pb2 as pb
 from hetis.v1 import generation_pb2_grpc
 from tests.helpers.cluster import Cluster
@@ -52,7 +54,29 @@ def test_redis_restart_loses_no_stream_and_status_recovers(llm):
         c.stop()
 
 
-def _streams_through_a_fault(llm, fault, dense_args=()):
+def _wait_alive(stub, ids: set[str], timeout: float = 120):
+    deadline, st = time.monotonic() + timeout, None
+    while time.monotonic() < deadline:
+        st = stub.GetClusterStatus(pb.ClusterStatusRequest(), timeout=10)
+        if ids <= {w.id for w in st.workers if w.alive}:
+            return st
+        time.sleep(0.5)
+    raise AssertionError(f"{ids} not alive in time: {st}")
+
+
+def _attn_steps(address: str) -> int:
+    from hetis.v1 import worker_pb2, worker_pb2_grpc
+    with grpc.insecure_channel(address) as ch:
+        return worker_pb2_grpc.AttentionWorkerStub(ch).Stats(worker_pb2.StatsRequest(), timeout=10).steps
+
+
+def _greedy(stub, prompt: str, n: int) -> list[int]:
+    req = pb.GenerateRequest(prompt=prompt, sampling=pb.SamplingParams(temperature=0, max_tokens=n,
+                                                                       ignore_eos=True))
+    return [t for chunk in stub.Generate(req, timeout=300) for t in chunk.token_ids]
+
+
+def _streams_through_a_fault(llm, fault, dense_args=(), then=None):
     """16 greedy streams on a mesh with two attention workers (round-robin: both hold
     groups); ``fault(cluster)`` hits attn-1 once every stream has produced tokens."""
     c = Cluster(attn_workers=2, policy="round-robin", dense_args=dense_args)
@@ -100,12 +124,49 @@ def _streams_through_a_fault(llm, fault, dense_args=()):
             assert alive == {"dense-0": True, "attn-0": True, "attn-1": False}, alive
             attn1 = next(w for w in st.workers if w.id == "attn-1")
             assert not attn1.resident and attn1.kv_used_tokens == 0
+            if then is not None:
+                then(c, stub)
     finally:
         c.stop()
 
 
-def test_kill_9_of_an_attention_worker_loses_no_stream(llm):
-    _streams_through_a_fault(llm, lambda c: c.proc("attn-1").kill())
+def test_kill_9_of_an_attention_worker_loses_no_stream_and_a_restart_rejoins(llm):
+    def restart(c, stub):  # the same command again: it takes its old device back
+        child = next(ch for ch in c.local.children if ch.name == "attn-1")
+        child.proc.wait(10)
+        child.proc = subprocess.Popen(child.argv, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        st = _wait_alive(stub, {"attn-1"})
+        assert [w.id for w in st.workers] == ["dense-0", "attn-0", "attn-1"]
+        want = llm.generate("A restarted worker", SamplingParams(temperature=0, max_tokens=12,
+                                                                 ignore_eos=True))[0].token_ids
+        assert _greedy(stub, "A restarted worker", 12) == want
+        assert _attn_steps(child.address) > 0  # round-robin put groups on it again
+    _streams_through_a_fault(llm, lambda c: c.proc("attn-1").kill(), then=restart)
+
+
+def test_an_attention_worker_started_later_joins_dispatch(llm):
+    c = Cluster(attn_workers=1, policy="round-robin")
+    late = None
+    try:
+        port = free_port()
+        late = subprocess.Popen([sys.executable, "-m", "services.attn_worker", "--port", str(port),
+                                 "--redis-url", c.redis.url, "--worker-id", "attn-late",
+                                 "--advertise-host", "127.0.0.1", "--threads", "1"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        with grpc.insecure_channel(c.target) as ch:
+            stub = generation_pb2_grpc.GenerationStub(ch)
+            st = _wait_alive(stub, {"dense-0", "attn-0", "attn-late"})
+            assert [w.id for w in st.workers] == ["dense-0", "attn-0", "attn-late"]
+            prompts = ["The late worker", "holds head groups", "of new requests"]
+            want = [o.token_ids for o in llm.generate(prompts, SamplingParams(
+                temperature=0, max_tokens=10, ignore_eos=True))]
+            assert [_greedy(stub, p, 10) for p in prompts] == want
+            assert _attn_steps(f"127.0.0.1:{port}") > 0
+    finally:
+        if late is not None:
+            late.terminate()
+            late.wait(30)
+        c.stop()
 
 
 def test_a_frozen_attention_worker_is_lost_after_the_peer_timeout(llm):
@@ -114,3 +175,41 @@ def test_a_frozen_attention_worker_is_lost_after_the_peer_timeout(llm):
     def freeze(c):
         c.proc("attn-1").send_signal(signal.SIGSTOP)
     _streams_through_a_fault(llm, freeze, dense_args=("--peer-timeout", "3"))
+
+
+def test_a_restarted_dense_worker_is_used_again_without_restarting_the_router(llm):
+    import pytest
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    def health(hstub):
+        return hstub.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+
+    def wait_health(hstub, status, timeout):
+        deadline = time.monotonic() + timeout
+        while health(hstub) != status:
+            assert time.monotonic() < deadline, f"health never became {status}"
+            time.sleep(0.2)
+
+    c = Cluster(attn_workers=1, policy="round-robin")
+    try:
+        want = llm.generate("Before and after", SamplingParams(temperature=0, max_tokens=10,
+                                                               ignore_eos=True))[0].token_ids
+        with grpc.insecure_channel(c.target) as ch:
+            stub, hstub = generation_pb2_grpc.GenerationStub(ch), health_pb2_grpc.HealthStub(ch)
+            assert _greedy(stub, "Before and after", 10) == want
+            dense = next(child for child in c.local.children if child.name == "dense-0")
+            dense.proc.kill()
+            dense.proc.wait(10)
+            wait_health(hstub, health_pb2.HealthCheckResponse.NOT_SERVING, 10)
+            with pytest.raises(grpc.RpcError) as e:
+                _greedy(stub, "While it is gone", 4)
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "dense worker" in e.value.details()
+            dense.proc = subprocess.Popen(dense.argv, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+            wait_health(hstub, health_pb2.HealthCheckResponse.SERVING, 180)
+            _wait_alive(stub, {"dense-0", "attn-0"})
+            attn = next(child.address for child in c.local.children if child.name == "attn-0")
+            before = _attn_steps(attn)
+            assert _greedy(stub, "Before and after", 10) == want
+            assert _attn_steps(attn) > before  # the attention worker is in the new dense worker's mesh
+    finally:
+        c.stop()
