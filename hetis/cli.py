@@ -83,6 +83,16 @@ def build_parser() -> argparse.ArgumentParser:
     # one thread each by default: a local cluster shares this machine's cores among its workers
     up.add_argument("--threads", type=positive_int, default=defaults.default_threads(fallback=1),
                     metavar="T", help="torch threads per worker (default: $HETIS_THREADS, else 1)")
+    up.add_argument("--host", default="127.0.0.1", metavar="ADDR",
+                    help="interface the router binds (default %(default)s; 0.0.0.0: every "
+                    "interface); the other services bind 127.0.0.1")
+    up.add_argument("--dense-kv-tokens", type=positive_int, default=None, metavar="N",
+                    help="KV capacity of the dense worker's own device, tokens x head groups "
+                    "(default: the service's, 131072)")
+    up.add_argument("--attn-kv-tokens", type=positive_int, default=None, metavar="N",
+                    help="KV capacity of each attention worker (default: the service's, 131072)")
+    up.add_argument("--restart-workers", action="store_true",
+                    help="restart an attention worker that exits (it rejoins the mesh)")
     up.add_argument("--log-dir", default=None, metavar="DIR",
                     help="where NAME.log of each service goes (default: a new temp dir)")
     up.add_argument("--startup-timeout", type=float, default=300.0, metavar="SECONDS",

@@ -21,18 +21,26 @@ LOCAL_HOST = "127.0.0.1"
 STOP_GRACE = 10.0  # seconds between SIGTERM and SIGKILL (services drain for 5 s)
 
 
-def service_commands(args, ports: dict[str, int] | None = None,
-                     host: str = LOCAL_HOST) -> list[tuple[str, list[str]]]:
+def service_commands(args, ports: dict[str, int] | None = None, host: str = LOCAL_HOST,
+                     bind: str | None = None) -> list[tuple[str, list[str]]]:
     """(name, argv) of every service, in start order: attn-0.., dense-0, router.
 
     ``args`` carries attn_workers, port (the router's), redis_url, model, dtype,
-    policy and threads (``hetis up``'s flags). ``ports`` maps worker names to
-    their ports (missing ones get free ports); ``host`` is how services reach
-    each other (127.0.0.1 locally, service names in docker-compose).
+    policy and threads (``hetis up``'s flags), and optionally dense_kv_tokens,
+    attn_kv_tokens and host. ``ports`` maps worker names to their ports (missing
+    ones get free ports); ``host`` is how services reach each other (127.0.0.1
+    locally, service names in docker-compose). ``bind``: the interface internal
+    services bind (``hetis up``: 127.0.0.1, the router ``args.host``); None keeps
+    every service's default (all interfaces, as containers need).
     """
     ports = dict(ports or {})
     py = sys.executable
     model = ["--model", args.model] if args.model else []
+    internal = ["--host", bind] if bind else []
+
+    def kv(name):
+        v = getattr(args, name, None)
+        return ["--kv-tokens", str(v)] if v else []
     cmds = []
     for i in range(args.attn_workers):
         name = f"attn-{i}"
@@ -40,17 +48,19 @@ def service_commands(args, ports: dict[str, int] | None = None,
         cmds.append((name, [py, "-m", "services.attn_worker", "--port", str(port),
                             "--redis-url", args.redis_url, "--worker-id", name,
                             "--advertise-host", host, "--threads", str(args.threads),
-                            "--metrics-port", "0"]))
+                            "--metrics-port", "0", *internal, *kv("attn_kv_tokens")]))
     dense_port = ports.setdefault("dense-0", free_port())
     cmds.append(("dense-0", [py, "-m", "services.dense_worker", "--port", str(dense_port),
                              "--redis-url", args.redis_url, "--worker-id", "dense-0", *model,
                              "--dtype", args.dtype, "--advertise-host", host,
-                             "--threads", str(args.threads), "--metrics-port", "0"]))
+                             "--threads", str(args.threads), "--metrics-port", "0", *internal,
+                             *kv("dense_kv_tokens")]))
     cmds.append(("router", [py, "-m", "services.router", "--port", str(args.port),
                             "--redis-url", args.redis_url, *model,
                             "--dense-worker", f"{host}:{dense_port}",
                             "--attn-workers", str(args.attn_workers),
-                            "--policy", args.policy, "--metrics-port", "0"]))
+                            "--policy", args.policy, "--metrics-port", "0",
+                            *(["--host", args.host] if bind else [])]))
     return cmds
 
 
@@ -86,7 +96,9 @@ class Child:
 
     @property
     def address(self) -> str:
-        return f"{LOCAL_HOST}:{port_of(self.argv)}"
+        """Where to reach it: its --host unless that is every interface, else loopback."""
+        host = self.argv[self.argv.index("--host") + 1] if "--host" in self.argv else LOCAL_HOST
+        return f"{LOCAL_HOST if host in ('0.0.0.0', '::', '') else host}:{port_of(self.argv)}"
 
     def tail(self, lines: int = 40) -> str:
         try:
@@ -108,16 +120,26 @@ class LocalCluster:
 
     def start(self) -> None:
         os.makedirs(self.log_dir, exist_ok=True)
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
         for name, argv in self.commands:
             child = Child(name, argv, os.path.join(self.log_dir, f"{name}.log"))
-            with open(child.log_path, "wb") as log:
-                # own session: a terminal's Ctrl-C reaches only us, and we stop children in order
-                child.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
-                                              stderr=subprocess.STDOUT, env=env,
-                                              start_new_session=True,
-                                              preexec_fn=_die_with_parent if _LIBC else None)
+            self._spawn(child, "wb")
             self.children.append(child)
+
+    def _spawn(self, child: Child, mode: str) -> None:
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        with open(child.log_path, mode) as log:
+            # own session: a terminal's Ctrl-C reaches only us, and we stop children in order
+            child.proc = subprocess.Popen(child.argv, stdin=subprocess.DEVNULL, stdout=log,
+                                          stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                          preexec_fn=_die_with_parent if _LIBC else None)
+
+    def restart(self, child: Child) -> None:
+        """Start a child that exited again, with the same command (its log goes on)."""
+        self._spawn(child, "ab")
+
+    def forget(self, child: Child) -> None:
+        """Stop watching a child that exited (the mesh goes on without it)."""
+        child.proc = None
 
     def check_alive(self) -> None:
         for c in self.children:
@@ -206,16 +228,27 @@ def run_up(args, out=print, err=lambda msg: print(msg, file=sys.stderr)) -> int:
         if args.redis_url is None:
             redis = RedisProcess()
             args.redis_url = redis.url
-            out(f"redis at {redis.url}")
-        cluster = LocalCluster(service_commands(args), log_dir)
+        out(f"redis at {args.redis_url}  (add an attention worker at any time: python -m "
+            f"services.attn_worker --redis-url {args.redis_url} --advertise-host {LOCAL_HOST} --port 0)")
+        cluster = LocalCluster(service_commands(args, bind=LOCAL_HOST), log_dir)
         cluster.start()
         out(f"starting {len(cluster.children)} services (logs in {log_dir})")
-        router = f"{LOCAL_HOST}:{args.port}"
+        router = cluster.children[-1].address
         cluster.wait_ready(router, args.attn_workers, args.startup_timeout, progress=out)
         out(f"Hetis is up: router at {router}  (HETIS_TARGET={router}; Ctrl-C stops)")
-        died = cluster.watch()
-        err(f"hetis up: {died} -- last lines of {died.name}.log:\n{died.tail}")
-        return 1
+        while True:
+            died = cluster.watch()
+            child = next(c for c in cluster.children if c.name == died.name)
+            if not died.name.startswith("attn-"):  # the router or the dense worker: the end
+                err(f"hetis up: {died} -- last lines of {died.name}.log:\n{died.tail}")
+                return 1
+            err(f"hetis up: {died}; the mesh goes on without it (the router recomputes its "
+                f"sequences elsewhere) -- last lines of {died.name}.log:\n{died.tail}")
+            if getattr(args, "restart_workers", False):
+                cluster.restart(child)
+                out(f"restarted {died.name}; it rejoins the mesh once it is up")
+            else:
+                cluster.forget(child)
     except ChildDied as e:
         err(f"hetis up: {e} during start-up -- last lines of {e.name}.log:\n{e.tail}")
         return 1

@@ -93,28 +93,59 @@ def test_local_cluster_child_death_reports_its_log(tmp_path):
     assert _gone(_pids(tmp_path, ["attn-0"])[0])
 
 
-def test_hetis_up_stops_everything_on_sigterm(tmp_path):
-    """`hetis up` in its own process, stand-ins for the services; SIGTERM stops them all."""
-    names = ["attn-0", "attn-1", "dense-0", "router"]
+def _up(tmp_path, names, *flags):
+    """`hetis up` in its own process over stand-ins; returns (process, lines until it is up)."""
     cmds = standin_commands(tmp_path, names)
     router_port = cmds[-1][1][2]
     code = textwrap.dedent(f"""
         import sys, hetis.up
-        hetis.up.service_commands = lambda args: {cmds!r}
+        hetis.up.service_commands = lambda args, **kw: {cmds!r}
         from hetis.cli import main
         sys.exit(main(["up", "--port", "{router_port}", "--redis-url", "redis://unused:1/0",
-                       "--log-dir", {str(tmp_path / "logs")!r}]))
+                       "--log-dir", {str(tmp_path / "logs")!r}, *{list(flags)!r}]))
     """)
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     lines = []
+    deadline = time.monotonic() + 90
+    for line in proc.stdout:
+        lines.append(line)
+        if "Hetis is up" in line or time.monotonic() > deadline:
+            break
+    assert any("Hetis is up: router at 127.0.0.1:" + router_port in x for x in lines), lines
+    return proc
+
+
+def test_hetis_up_keeps_serving_when_an_attention_worker_dies_and_can_restart_it(tmp_path):
+    names = ["attn-0", "attn-1", "dense-0", "router"]
+    proc = _up(tmp_path, names, "--restart-workers")
     try:
-        deadline = time.monotonic() + 90
+        first = _pids(tmp_path, ["attn-0"])[0]
+        os.kill(first, signal.SIGKILL)
+        lines = []
         for line in proc.stdout:
             lines.append(line)
-            if "Hetis is up" in line or time.monotonic() > deadline:
+            if "restarted attn-0" in line:
                 break
-        assert any("Hetis is up: router at 127.0.0.1:" + router_port in x for x in lines), lines
+        assert any("the mesh goes on without it" in x for x in lines), lines
+        time.sleep(1.0)
+        assert proc.poll() is None  # still up
+        again = _pids(tmp_path, ["attn-0"])[0]
+        assert again != first and not _gone(again)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert all(_gone(p) for p in _pids(tmp_path, names))
+
+
+def test_hetis_up_stops_everything_on_sigterm(tmp_path):
+    """`hetis up` in its own process, stand-ins for the services; SIGTERM stops them all."""
+    names = ["attn-0", "attn-1", "dense-0", "router"]
+    proc = _up(tmp_path, names)
+    try:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
     finally:
