@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from prometheus_client import Gauge
 
@@ -99,6 +100,19 @@ class AttentionWorker:
     def join_response(self):
         return wire.join_response_to_proto(self.wid, self.cfg.kv_tokens, describe_device(self.device))
 
-    def close(self) -> None:
-        if self.registration is not None:
-            self.registration.stop()
+    def close(self, drain_timeout: float = 30.0) -> None:
+        """Drain, then deregister: say we are draining, wait (up to ``drain_timeout``) until
+        the router has moved every sequence we hold elsewhere, then leave."""
+        if self.registration is None:
+            return
+        if self.loop is not None and self.thread is not None and self.thread.is_alive():
+            self.registration.set_draining()
+            deadline = time.monotonic() + drain_timeout
+            # wait while something still lives here and steps still come (no router, no wait)
+            while (self.loop.residency.blocks and time.monotonic() < deadline
+                   and time.monotonic() - self.loop.last_seen < 3.0):
+                time.sleep(0.1)
+            left = len(self.loop.residency.blocks)
+            log.info("drained: %s", f"{left} sequences still here after {drain_timeout:.0f} s"
+                     if left else "nothing left here")
+        self.registration.stop()

@@ -8,7 +8,8 @@ key                                type    contents
 ``hetis:workers``                  set     ids of every registered worker
 ``hetis:worker:{id}``              hash    kind ("dense"|"attention"), address (gRPC
                                            host:port), device, kv_tokens (capacity in
-                                           tokens x head groups), pid, started (unix s)
+                                           tokens x head groups), pid, started (unix s),
+                                           draining ("1" once it is shutting down)
 ``hetis:alive:{id}``               string  heartbeat; expires after ``ttl`` seconds
                                            (default 6 s, refreshed every ttl/3)
 ``hetis:telemetry:{id}``           hash    kv_used_tokens, resident (JSON
@@ -91,6 +92,15 @@ class Registration:
         p.set(k_alive(self.wid), "1", px=int(self.ttl * 1000))
         p.execute()
 
+    def set_draining(self) -> None:
+        """Say this worker is shutting down: the router places nothing new on it and moves
+        what it holds elsewhere."""
+        self.info["draining"] = "1"
+        try:
+            self.r.hset(k_worker(self.wid), "draining", "1")
+        except redis.RedisError as e:
+            log.warning("could not mark %s draining: %s", self.wid, e)
+
     def publish(self, fields: dict) -> None:
         data = {k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in fields.items()}
         data["updated"] = time.time()
@@ -139,6 +149,7 @@ def read_workers(r: redis.Redis) -> list[dict]:
             continue
         w = {"id": wid, "alive": bool(alive), **info}
         w["kv_tokens"] = int(w.get("kv_tokens", 0))
+        w["draining"] = w.get("draining") == "1"
         for key in ("kv_used_tokens", "steps"):
             w[key] = int(float(tel.get(key, 0)))
         for key in ("cost_per_token", "cost_per_group"):

@@ -184,11 +184,16 @@ class Router:
                 w = by_id.get(wid)
                 if w and w["cost_per_token"] > 0:
                     dev.cost_per_token, dev.cost_per_group = w["cost_per_token"], w["cost_per_group"]
+            for i, (dev, wid) in enumerate(zip(list(devices), list(self.device_ids))):
+                if i and not dev.lost and by_id.get(wid, {}).get("draining"):
+                    moved = self.loop.call(lambda eng, i=i: eng.lose_devices([i]))
+                    log.info("attention worker %s is draining: %d sequences move elsewhere",
+                             wid, len(moved))
             active = {wid for dev, wid in zip(list(devices), list(self.device_ids)) if not dev.lost}
             now = time.monotonic()
             for w in by_id.values():
-                if (w["kind"] == "attention" and w["alive"] and w["id"] not in active
-                        and retry_at.get(w["id"], 0) <= now):
+                if (w["kind"] == "attention" and w["alive"] and not w["draining"]
+                        and w["id"] not in active and retry_at.get(w["id"], 0) <= now):
                     if not self._connect(w):
                         retry_at[w["id"]] = now + 10.0
 

@@ -205,6 +205,7 @@ class AttentionLoop:
         self.cost_per_token, self.cost_per_group = cost
         self.residency = Residency(backend.block_size)
         self.steps = 0
+        self.last_seen = time.monotonic()  # when the dense worker last sent a command
         self.alpha = alpha
         self.attn_seconds = 0.0
 
@@ -222,6 +223,7 @@ class AttentionLoop:
         dtype = be.store.k.dtype
         while True:
             cmd, n = self._recv(2, torch.int64).tolist()
+            self.last_seen = time.monotonic()
             if cmd == CMD_STOP:
                 return
             if cmd == CMD_PING:

@@ -213,3 +213,15 @@ def test_a_restarted_dense_worker_is_used_again_without_restarting_the_router(ll
             assert _attn_steps(attn) > before  # the attention worker is in the new dense worker's mesh
     finally:
         c.stop()
+
+
+def test_sigterm_drains_an_attention_worker_first(llm):
+    import signal
+
+    def sigterm(c):
+        p = c.proc("attn-1")
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(60) == 0  # it left by itself, once drained
+        log = next(ch for ch in c.local.children if ch.name == "attn-1").tail(200)
+        assert "drained: nothing left here" in log, log  # moved away before it left
+    _streams_through_a_fault(llm, sigterm)
