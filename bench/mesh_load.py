@@ -3,6 +3,7 @@ health stay fast?
 
     .venv/bin/python -m bench.mesh_load [--streams 32 512] [--max-tokens 16]
                                         [--attn-workers 2] [--label NAME] [--out FILE.json]
+                                        [--kill-attn-after S]
 
 Starts ``hetis up`` (a private Redis, attention workers, a dense worker, the router;
 one torch thread each) as a child process, then for each ``--streams N`` opens N
@@ -12,6 +13,10 @@ completed and failed streams, TTFT p50/p99, output tokens/s, health-check latenc
 p50/p99/max during the load, and each service's peak RSS (VmHWM, after all runs).
 Only the CLI and the public protos are used, so the same file measures an older tree
 (run it from that tree's root with that tree's Python path).
+
+``--kill-attn-after S``: S seconds into each run, ``kill -9`` the last attention
+worker (restarted between runs) and report the recovery: seconds from the kill to the
+next token any stream receives, and the longest pause of a stream across the kill.
 """
 from __future__ import annotations
 
@@ -44,16 +49,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_cluster(attn_workers: int, log_dir: str) -> tuple[subprocess.Popen, str]:
+def start_cluster(attn_workers: int, log_dir: str, *flags: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "hetis.cli", "up", "--attn-workers", str(attn_workers),
-                             "--port", str(port), "--threads", "1", "--log-dir", log_dir],
+                             "--port", str(port), "--threads", "1", "--log-dir", log_dir, *flags],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:
         print(f"  up: {line.rstrip()}", flush=True)
         if "Hetis is up" in line:
             return proc, f"127.0.0.1:{port}"
     raise RuntimeError(f"hetis up exited with {proc.wait()}; logs in {log_dir}")
+
+
+def wait_all_alive(target: str, timeout: float = 180) -> None:
+    """Until the router lists every worker alive (a restarted one has rejoined)."""
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(target) as ch:
+        stub = pb_grpc.GenerationStub(ch)
+        while time.monotonic() < deadline:
+            st = stub.GetClusterStatus(pb.ClusterStatusRequest(), timeout=10)
+            if st.workers and all(w.alive for w in st.workers):
+                return
+            time.sleep(1.0)
+    raise RuntimeError("a worker did not come back")
 
 
 def service_rss(up_pid: int) -> dict[str, float]:
@@ -78,9 +96,24 @@ def service_rss(up_pid: int) -> dict[str, float]:
     return out
 
 
-async def load(target: str, streams: int, max_tokens: int, seed: int = 0) -> dict:
+def attn_pid(up_pid: int, worker_id: str) -> int | None:
+    for pid in os.listdir("/proc"):
+        try:
+            stat = pathlib.Path(f"/proc/{pid}/stat").read_text()
+            cmd = pathlib.Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == up_pid and worker_id.encode() in cmd:
+            return int(pid)
+    return None
+
+
+async def load(target: str, streams: int, max_tokens: int, seed: int = 0,
+               kill: tuple[float, int] | None = None) -> dict:
     rng = random.Random(seed)
     ttft, tokens, errors = [], 0, []
+    stamps: list[float] = []  # every token's arrival (perf_counter)
+    gaps: list[tuple[float, float]] = []  # (previous token, next token) of each stream
     health_ms: list[float] = []
     done = asyncio.Event()
     options = [("grpc.max_receive_message_length", 64 << 20)]
@@ -95,11 +128,17 @@ async def load(target: str, streams: int, max_tokens: int, seed: int = 0) -> dic
                                                                 ignore_eos=True))
             req.prompt_token_ids.ids.extend(ids)
             t0 = time.perf_counter()
-            first = None
+            first, last = None, None
             try:
                 async for c in stub.Generate(req, timeout=900):
+                    now = time.perf_counter()
                     if first is None and c.token_ids:
-                        first = time.perf_counter() - t0
+                        first = now - t0
+                    if c.token_ids:
+                        stamps.append(now)
+                        if last is not None:
+                            gaps.append((last, now))
+                        last = now
                     tokens += len(c.token_ids)
                 ttft.append(first)
             except grpc.aio.AioRpcError as e:
@@ -115,7 +154,17 @@ async def load(target: str, streams: int, max_tokens: int, seed: int = 0) -> dic
                     health_ms.append(float("inf"))
                 await asyncio.sleep(0.05)
 
+        killed_at = None
+
+        async def killer() -> None:
+            nonlocal killed_at
+            await asyncio.sleep(kill[0])
+            os.kill(kill[1], signal.SIGKILL)
+            killed_at = time.perf_counter()
+
         prober = asyncio.ensure_future(probe())
+        if kill:
+            asyncio.ensure_future(killer())
         t0 = time.perf_counter()
         await asyncio.gather(*(one(i) for i in range(streams)))
         wall = time.perf_counter() - t0
@@ -123,7 +172,15 @@ async def load(target: str, streams: int, max_tokens: int, seed: int = 0) -> dic
         await prober
     # nearest-rank percentiles: a timed-out health check counts as inf, not as a NaN
     pct = lambda xs, q: float(np.percentile(xs, q, method="nearest")) if xs else None  # noqa: E731
-    return {"streams": streams, "max_tokens": max_tokens, "completed": len(ttft), "failed": len(errors),
+    recovery = {}
+    if kill and killed_at is not None:
+        after = [t for t in stamps if t > killed_at]
+        across = [b - a for a, b in gaps if a <= killed_at < b]
+        recovery = {"killed_at_s": killed_at - t0,
+                    "first_token_after_kill_s": (min(after) - killed_at) if after else None,
+                    "longest_stream_pause_across_kill_s": max(across, default=None)}
+    return {"streams": streams, "max_tokens": max_tokens, **recovery,
+            "completed": len(ttft), "failed": len(errors),
             "errors": sorted(set(errors)), "wall_s": wall, "output_tok_s": tokens / wall,
             "ttft_p50_s": pct(ttft, 50), "ttft_p99_s": pct(ttft, 99),
             "health_checks": len(health_ms), "health_timeouts_60s": sum(h == float("inf") for h in health_ms),
@@ -167,14 +224,25 @@ def main(argv=None) -> int:
     ap.add_argument("--attn-workers", type=int, default=2)
     ap.add_argument("--label", default="current", help="name of this run in the JSON file")
     ap.add_argument("--out", default=str(OUT), help="JSON file; runs under other labels are kept")
+    ap.add_argument("--kill-attn-after", type=float, default=None, metavar="S",
+                    help="kill -9 the last attention worker S seconds into each run")
     args = ap.parse_args(argv)
     log_dir = tempfile.mkdtemp(prefix="hetis-mesh-load-")
-    proc, target = start_cluster(args.attn_workers, log_dir)
+    flags = ["--restart-workers"] if args.kill_attn_after is not None else []
+    proc, target = start_cluster(args.attn_workers, log_dir, *flags)
     try:
         runs = []
+        victim = f"attn-{args.attn_workers - 1}"
         for n in args.streams:
             print(f"{n} streams x {args.max_tokens} tokens ...", flush=True)
-            r = asyncio.run(load(target, n, args.max_tokens))
+            kill = None
+            if args.kill_attn_after is not None:
+                wait_all_alive(target)
+                pid = attn_pid(proc.pid, victim)
+                if pid is None:
+                    raise RuntimeError(f"{victim} is not running")
+                kill = (args.kill_attn_after, pid)
+            r = asyncio.run(load(target, n, args.max_tokens, kill=kill))
             print(json.dumps(r), flush=True)
             runs.append(r)
         rss = service_rss(proc.pid)
