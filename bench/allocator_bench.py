@@ -26,7 +26,7 @@ from rich.table import Table
 from hetis.allocator import gavel
 from hetis.allocator.baselines import max_min_perf
 from hetis.allocator.cooperative import groups
-from hetis.allocator.modes import MODES, solver
+from hetis.allocator.modes import MODES, allocate, solver
 from hetis.allocator.noncooperative import noncooperative
 from hetis.allocator.problem import Problem, efficiency
 
@@ -70,22 +70,26 @@ def instance(rng, n: int, m: int, gpus_per_tenant: float = 2.0, caps: bool = Fal
 
 
 def solve_times(quick: bool) -> list[dict]:
+    """Every mode at 10, 100, 1000, 5000 tenants x 3 and 8 types (catalogue profiles, which
+    merge), and cooperative on all-distinct profiles; cooperative with its default 2 s
+    budget, the stage it ended in and its gap to the SI+EF optimum."""
     rows = []
-    sizes = [(10, 3, False), (10, 8, False), (100, 3, False), (100, 8, False), (1000, 3, False),
-             (1000, 8, False), (100, 8, True)]
+    sizes = [(n, m, False) for n in (10, 100, 1000, 5000) for m in (3, 8)]
+    sizes += [(n, 8, True) for n in ((100, 200) if quick else (100, 200, 1000))]
     for n, m, distinct in track(sizes, description="solve times"):
         p = instance(np.random.default_rng(n * 10 + m), n, m, distinct=distinct)
         for mode in MODES:
-            if mode == "partial-allocation" and n > 10:
-                continue     # n+1 Nash-welfare solves, each a series of LPs
-            f = solver(mode)
+            if (mode == "partial-allocation" and n > 100) or (distinct and mode != "cooperative"):
+                continue     # partial allocation: n+1 Nash-welfare solves, each a series of LPs
             t0 = time.perf_counter()
-            a = f(p)
-            rows.append({"tenants": n, "gpu_types": m, "mode": mode, "seconds": time.perf_counter() - t0,
-                         "efficiency": efficiency(p, a.x), "distinct_profiles": len(groups(p)[1]),
-                         "all_distinct": distinct, **({"stage": a.info["stage"],
-                                                       "fair_efficiency": a.info["fair_efficiency"]}
-                                                      if mode == "cooperative" else {})})
+            a = allocate(p, mode)
+            row = {"tenants": n, "gpu_types": m, "mode": mode, "seconds": time.perf_counter() - t0,
+                   "efficiency": efficiency(p, a.x), "distinct_profiles": len(groups(p)[1]),
+                   "all_distinct": distinct, **a.outcome()}
+            if mode == "cooperative":
+                row.update(fair_efficiency=a.info.get("fair_efficiency"), stage1_seconds=a.info["stage1_seconds"],
+                           lp_solves=a.info["lp_solves"])
+            rows.append(row)
     return rows
 
 
@@ -156,19 +160,26 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="fewer instances, PA only at 10 tenants")
     args = ap.parse_args(argv)
+    load0 = float(open("/proc/loadavg").read().split()[0])
     times = solve_times(args.quick)
     eff = gains(args.quick)
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "allocator.json").write_text(json.dumps({"solve_times": times, "efficiency": eff}, indent=2))
+    import os
+    machine = {"date": time.strftime("%Y-%m-%d"), "loadavg_1min_at_start": load0, "cpus": os.cpu_count(),
+               "avx512_bf16": "avx512_bf16" in open("/proc/cpuinfo").read()}
+    (OUT / "allocator.json").write_text(json.dumps({"machine": machine, "solve_times": times, "efficiency": eff},
+                                                   indent=2))
     plot(times, eff, OUT / "allocator.png")
     console = Console()
-    t = Table(title="Solve time (s)")
-    for c in ("tenants", "types", "distinct", *MODES):
+    t = Table(title="Solve time (s); cooperative: stage, gap to the SI+EF optimum")
+    for c in ("tenants", "types", "distinct", *MODES, "stage", "gap %"):
         t.add_column(c, justify="right")
     for n, m, d in sorted({(r["tenants"], r["gpu_types"], r["all_distinct"]) for r in times}):
         rs = {r["mode"]: r for r in times if (r["tenants"], r["gpu_types"], r["all_distinct"]) == (n, m, d)}
-        t.add_row(str(n), str(m), str(next(iter(rs.values()))["distinct_profiles"]),
-                  *[f"{rs[k]['seconds']:.3f}" if k in rs else "-" for k in MODES])
+        co = rs["cooperative"]
+        t.add_row(str(n), str(m), str(co["distinct_profiles"]),
+                  *[f"{rs[k]['seconds']:.3f}" if k in rs else "-" for k in MODES], f"{co['stage']} ({co['solver']})",
+                  "?" if co["optimality_gap"] is None else f"{100 * co['optimality_gap']:.2f}")
     console.print(t)
     for key, what in (("gain_pct", "max-min with performance, efficiency tie-break"),
                       ("gain_pct_vs_untiebroken_max_min", "max-min with performance, first LP vertex (Gavel-like)")):

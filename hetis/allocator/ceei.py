@@ -9,53 +9,59 @@ nor always fair, which is why pareto.py verifies it before use.
 """
 from __future__ import annotations
 
+import math
 import time
 
 import numpy as np
 import scipy.sparse as sp
 from scipy.optimize import linprog
 
-from .lp import HIGHS, block_rows, solve_lp, utility_rows
+from .lp import HIGHS, LP, block_rows, utility_rows
 from .problem import Allocation, Problem, equal_share_values
 
 
-def eisenberg_gale(p: Problem, rel_tol: float = 1e-10, max_iter: int = 200) -> np.ndarray:
+def eisenberg_gale(p: Problem, rel_tol: float = 1e-10, max_iter: int = 200,
+                   deadline: float = math.inf) -> np.ndarray:
     """argmax sum_i w_i log U_i over capacity and caps (Eisenberg-Gale), by adding
     tangent cuts z_i <= log u + (U_i - u)/u of log at the current utilities (HiGHS LPs).
 
     Every LP maximises sum_i w_i min_cuts(...), a strictly increasing function of U, so
     its solution is Pareto efficient whatever the remaining gap; the gap (z_i - log U_i
-    <= rel_tol) only bounds how far it is from the exact CEEI (SI, EF)."""
+    <= rel_tol) only bounds how far it is from the exact CEEI (SI, EF). At ``deadline``
+    the last iterate is returned (Pareto efficient, not exactly SI or EF)."""
     n, m = p.n, p.m
     base = np.maximum(equal_share_values(p), 1e-12)
     rows, rhs = block_rows(p)
-    fixed = sp.hstack([rows, sp.csr_matrix((rows.shape[0], n))]).tocsr()
     ur = utility_rows(p)
-    points = [base * f for f in (0.25, 0.5, 1.0, 2.0, 4.0, 16.0)]
-    c = np.concatenate([np.zeros(n * m), -p.weights])
+
+    def tangents(u0: np.ndarray) -> tuple[sp.csr_matrix, np.ndarray]:   # z_i - U_i/u0 <= log u0 - 1
+        cut = sp.hstack([-sp.diags(1 / u0) @ ur, sp.eye(n)]).tocsr()
+        return cut, np.log(u0) - 1
+
+    lp = LP(np.concatenate([np.zeros(n * m), -p.weights]), sp.hstack([rows, sp.csr_matrix((rows.shape[0], n))]),
+            rhs, lower=np.concatenate([np.zeros(n * m), np.full(n, -np.inf)]))
+    for f in (0.25, 0.5, 1.0, 2.0, 4.0, 16.0):
+        lp.add(*tangents(base * f))
+    x = np.zeros((n, m))
     for _ in range(max_iter):
-        u0 = np.concatenate(points)
-        idx = np.tile(np.arange(n), len(points))
-        # z_i - U_i/u0 <= log u0 - 1
-        cut = sp.hstack([-sp.diags(1 / u0) @ ur[idx], sp.csr_matrix(
-            (np.ones(len(idx)), (np.arange(len(idx)), idx)), shape=(len(idx), n))])
-        z = solve_lp(c, sp.vstack([fixed, cut]).tocsr(), np.concatenate([rhs, np.log(u0) - 1]),
-                     bounds=[(0, None)] * (n * m) + [(None, None)] * n, what="Nash welfare LP")
+        z = lp.solve(deadline)
+        if z is None:
+            return x
         x = np.clip(z[:n * m].reshape(n, m), 0.0, None)
         u = np.maximum((p.speedup * x).sum(axis=1), 1e-300)
         gap = z[n * m:] - np.log(u)
-        if np.all(gap <= rel_tol):
+        if np.all(gap <= rel_tol) or time.perf_counter() > deadline:
             return x
-        points.append(u)
+        lp.add(*tangents(u))
     return x
 
 
-def ceei(p: Problem) -> Allocation:
+def ceei(p: Problem, deadline: float = math.inf) -> Allocation:
     """The weighted competitive equilibrium from equal incomes: the Eisenberg-Gale
     allocation, x_ij = 0 where s_ij = 0 (useless GPUs only feed others' envy). PE, SI and
     EF for linear utilities (Varian 1974); `cooperative`'s last resort."""
     t0 = time.perf_counter()
-    x = eisenberg_gale(p)
+    x = eisenberg_gale(p, deadline=deadline)
     x = np.where(p.speedup > 0, x, 0.0)
     polished = False
     if not np.isfinite(p.caps).any():

@@ -20,12 +20,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     ap.add_argument("file", metavar="FILE", help="YAML with gpus and tenants ('-' reads stdin)")
     ap.add_argument("--mode", choices=MODES, default="cooperative")
     ap.add_argument("--json", action="store_true", help="print a JSON object instead of a table")
+    ap.add_argument("--time-limit", type=float, default=2.0, metavar="S",
+                    help="seconds for the cooperative solve, Pareto stages included (default 2)")
     ap.set_defaults(func=run)
     return ap
 
 
 def result(problem, alloc) -> dict:
-    from .problem import ef_slack, equal_share_values, si_slack, utilities
+    from .problem import FAIR_TOL, ef_slack, equal_share_values, si_slack, utilities
     u, si, ef = utilities(problem, alloc.x), si_slack(problem, alloc.x), ef_slack(problem, alloc.x)
     base = equal_share_values(problem)
     return {
@@ -34,9 +36,10 @@ def result(problem, alloc) -> dict:
         "allocation": alloc.as_dict(problem),
         "efficiency": round(float(u.sum()), 6),
         "solve_seconds": round(alloc.solve_seconds, 6),
+        **alloc.outcome(),
         "tenants": {t: {"utility": round(float(u[i]), 6), "equal_share_utility": round(float(base[i]), 6),
                         "si_slack": round(float(si[i]), 6), "ef_slack": round(float(ef[i]), 6),
-                        "sharing_incentive": bool(si[i] >= -1e-6), "envy_free": bool(ef[i] >= -1e-6)}
+                        "sharing_incentive": bool(si[i] >= -FAIR_TOL), "envy_free": bool(ef[i] >= -FAIR_TOL)}
                     for i, t in enumerate(problem.tenants)},
     }
 
@@ -45,7 +48,8 @@ def _table(out: dict) -> None:
     from rich.console import Console
     from rich.table import Table
     types = list(out["gpus"])
-    table = Table(title=f"{out['mode']} allocation — efficiency {out['efficiency']:.3f}")
+    gap = "" if out["optimality_gap"] is None else f", gap {100 * out['optimality_gap']:.2f} %"
+    table = Table(title=f"{out['mode']} allocation — efficiency {out['efficiency']:.3f} ({out['stage']}{gap})")
     table.add_column("tenant")
     for g in types:
         table.add_column(f"{g} ({out['gpus'][g]:g})", justify="right")
@@ -71,7 +75,7 @@ def run(args) -> int:
         print(f"hetis allocate: {e}", file=sys.stderr)
         return 2
     try:
-        alloc = modes.allocate(problem, args.mode)
+        alloc = modes.allocate(problem, args.mode, time_limit=args.time_limit)
     except RuntimeError as e:
         print(f"hetis allocate: {e}", file=sys.stderr)
         return 1

@@ -1,23 +1,40 @@
 """`cooperative`: the most efficient allocation that is SI and weighted EF, made
 Pareto efficient (docs/allocator.md, "cooperative").
 
-Stage 1 is here: the fair optimum x* by HiGHS LPs (`fair_lp`), after merging
-interchangeable tenants (`groups`). Stages 2 and 3 (pareto.py) check x* with the
-Pareto LP and, if it is dominated, look for the most efficient SI+EF+PE allocation
-(the MILP of milp.py, the CEEI of ceei.py as fall-back). Not strategy-proof;
-noncooperative.py is the mode that is.
+Stage 1 is here: the fair optimum x* by one HiGHS model that EF rows are added to
+and aged out of (`fair_lp`), after merging interchangeable tenants (`groups`).
+Stages 2 and 3 (pareto.py) check x* with the Pareto LP and, if it is dominated, look
+for the most efficient SI+EF+PE allocation (the MILP of milp.py, the CEEI of ceei.py
+as fall-back). Everything runs within one time budget; if stage 1 does not finish,
+the result is the fixed-price exchange (SI and EF, proved) with the gap to the LP's
+upper bound ("fallback"). Not strategy-proof; noncooperative.py is the mode that is.
 """
 from __future__ import annotations
 
+import math
 import time
 
 import numpy as np
 import scipy.sparse as sp
 
-from .lp import (CUTS_PER_TENANT, MILP_TIME_LIMIT, TOL, block_rows, ef_cut_rows, ef_violations,
-                 solve_lp, utility_rows)
+from .lp import (
+    CUTS_PER_TENANT,
+    LP,
+    TIME_BUDGET,
+    TOL,
+    block_rows,
+    cut_prices,
+    ef_cut_rows,
+    ef_violations,
+    utility_rows,
+)
+from .noncooperative import noncooperative
 from .pareto import pareto_stages
-from .problem import Allocation, Problem, capped_price, equal_share_values
+from .problem import Allocation, Problem, capped_price, efficiency, equal_share_values
+
+AGE = 2           # an EF row slack this many LP rounds in a row leaves the LP (it returns if violated)
+KEEP_AFTER = 60   # LP rounds after which no row leaves any more (so the loop terminates)
+FINISH_SECONDS = 0.15  # of the time limit, kept for splitting merged tenants and the checks after stage 3
 
 
 def groups(p: Problem) -> tuple[np.ndarray, np.ndarray]:
@@ -28,17 +45,24 @@ def groups(p: Problem) -> tuple[np.ndarray, np.ndarray]:
     return inverse.ravel(), first
 
 
-def cooperative(p: Problem, max_refine: int = 4, pareto: bool = True,
-                time_limit: float = MILP_TIME_LIMIT) -> Allocation:
-    """max sum_i U_i s.t. capacity, caps, SI and weighted EF, then made Pareto efficient.
+def cooperative(p: Problem, max_refine: int = 4, pareto: bool = True, time_limit: float = TIME_BUDGET,
+                warm: list | None = None) -> Allocation:
+    """max sum_i U_i s.t. capacity, caps, SI and weighted EF, then made Pareto efficient,
+    all within ``time_limit`` seconds.
 
-    Stage 1 ("lp"): the fair optimum x*, HiGHS LPs (`fair_lp`). Stage 2: the
-    Pareto LP; if no tenant can gain without another losing (relative gain <= PE_TOL),
-    x* is returned. Stage 3 ("milp"): max efficiency over SI, EF and the supporting-price
+    Stage 1 ("lp"): the fair optimum x*, HiGHS LPs (`fair_lp`). Stage 2: the Pareto LP;
+    if no tenant can gain without another losing (relative gain <= PE_TOL), x* is
+    returned. Stage 3 ("milp"): max efficiency over SI, EF and the supporting-price
     characterisation of Pareto efficiency (`pe_milp`); if it fails or runs out of time,
     "ceei": the weighted competitive equilibrium from equal incomes (Eisenberg-Gale),
     which is PE, SI and EF. Every stage-3 result is re-verified (SI, EF, Pareto LP).
-    ``pareto=False`` stops after stage 1. ``info["stage"]`` says which stage produced x.
+    What is left of the budget bounds stages 2 and 3; without time for them the result
+    says ``pareto_efficient`` False (checked, dominated) or None (not checked). If stage 1
+    itself does not finish, "fallback": the fixed-price exchange (SI and EF).
+    ``pareto=False`` stops after stage 1. ``warm``: pairs of tenant names whose EF rows
+    to start from (``info["warm"]`` of an earlier result: the service's re-solves).
+    ``info["stage"]`` says which stage produced x, ``info["gap"]`` how far its efficiency
+    may be below the SI+EF optimum (relative; None when unknown).
 
     Interchangeable tenants (same speedups, same cap per weight) are merged into one
     of their total weight and cap: the LP is convex and symmetric in them, so it has
@@ -48,6 +72,7 @@ def cooperative(p: Problem, max_refine: int = 4, pareto: bool = True,
     every member).
     """
     t0 = time.perf_counter()
+    deadline = t0 + time_limit
     group, first = groups(p)
     merged = len(first) < p.n
     if merged:
@@ -56,17 +81,40 @@ def cooperative(p: Problem, max_refine: int = 4, pareto: bool = True,
                     p.caps[first] / p.weights[first] * wsum, p.prices)
     else:
         q = p
-    fair = fair_lp(q, max_refine)
-    cuts = fair.info.pop("_cuts")
-    x, info = fair.x, {**fair.info, "stage": "lp"}
-    if pareto and q.n > 1:
-        x, more = pareto_stages(q, x, cuts, time_limit)
-        info.update(more)
+    fair = fair_lp(q, max_refine, deadline, _seed(p, q, group, warm))
+    cuts, ever = fair.info.pop("_cuts"), fair.info.pop("_ever")
+    info = {**fair.info, "stage": "lp", "gap": 0.0 if fair.info["optimal"] else None,
+            "warm": [[q.tenants[i], q.tenants[k]] for i, k in cuts]}
+    if fair.x is None:                       # out of time: the exchange is SI and EF by proof
+        x = noncooperative(q).x
+        ub = fair.info["upper_bound"]
+        info.update(stage="fallback", pareto_efficient=None,
+                    gap=None if ub is None else max(0.0, 1.0 - efficiency(q, x) / ub))
+    else:
+        x = fair.x
+        if pareto and q.n == 1:              # one (merged) tenant at its LP optimum: nothing dominates it
+            info["pareto_gain_lp"] = 0.0
+        elif pareto:
+            x, more = pareto_stages(q, x, ever, deadline - FINISH_SECONDS)
+            info.update(more)
+            if info["stage"] != "lp":        # efficiency given up for Pareto efficiency
+                info["gap"] = max(0.0, 1.0 - efficiency(q, x) / fair.info["fair_efficiency"])
+    info["stage1_seconds"] = fair.solve_seconds
     x = _within_limits(q, x)
     if merged:
         x = x[group] * (p.weights / wsum[group])[:, None]
         info["groups"] = len(first)
     return Allocation("cooperative", x, time.perf_counter() - t0, info)
+
+
+def _seed(p: Problem, q: Problem, group: np.ndarray, warm: list | None) -> np.ndarray:
+    """EF pairs of q (merged indices) from an earlier result's pairs of tenant names."""
+    if not warm:
+        return np.zeros((0, 2), dtype=int)
+    where = {t: group[i] for i, t in enumerate(p.tenants)}
+    pairs = np.array([(where[a], where[b]) for a, b in warm if a in where and b in where], dtype=int)
+    pairs = pairs.reshape(-1, 2)
+    return np.unique(pairs[pairs[:, 0] != pairs[:, 1]], axis=0)
 
 
 def _within_limits(p: Problem, x: np.ndarray) -> np.ndarray:
@@ -78,56 +126,82 @@ def _within_limits(p: Problem, x: np.ndarray) -> np.ndarray:
     return x * np.where(row > p.caps, p.caps / np.maximum(row, 1e-300), 1.0)[:, None]
 
 
-def fair_lp(p: Problem, max_refine: int = 4) -> Allocation:
-    """Stage 1 of `cooperative` for distinct tenants: max efficiency s.t. SI and EF, LPs.
+def fair_lp(p: Problem, max_refine: int = 4, deadline: float = math.inf,
+            seed: np.ndarray | None = None) -> Allocation:
+    """Stage 1 of `cooperative` for distinct tenants: max efficiency s.t. SI and EF.
 
-    EF rows are added lazily (solve, add the violated pairs, re-solve). EF against a
-    capped valuation f_i is not convex; each pair's condition is enforced through
-    the linear upper bound d_i*lam + sum_j a_j (s_ij - lam)^+ >= f_i(a) at a fixed
-    lam. It starts at the price of i's capped equal share (so the capped equal
-    split is feasible) and is re-priced at the optimum's bundles; every re-priced
-    LP keeps the previous optimum feasible, so efficiency never decreases. Without
-    binding caps lam = 0 and the LP is exactly max efficiency s.t. SI and EF.
+    One HiGHS model (`LP`) holds capacity, caps and SI rows and a working set of EF
+    rows: solve, add each tenant's few most violated pairs, re-solve from the previous
+    basis; a row slack for AGE rounds in a row is dropped (it comes back if violated
+    again), so the LP stays near the few hundred rows that bind. ``seed``: EF pairs to
+    start with. EF against a capped valuation f_i is not convex; each pair's condition
+    is enforced through the linear upper bound d_i*lam + sum_j a_j (s_ij - lam)^+ >=
+    f_i(a) at a fixed lam. It starts at the price of i's capped equal share (so the
+    capped equal split is feasible) and is re-priced at the optimum's bundles; every
+    re-priced LP keeps the previous optimum feasible, so efficiency never decreases.
+    Without binding caps lam = 0 and the LP is exactly max efficiency s.t. SI and EF.
+
+    ``x`` is None if the deadline came before the first optimum; ``info["upper_bound"]``
+    is then the last relaxation's objective (a bound on the SI+EF optimum without caps;
+    None with caps, where the lam-priced rows are not a relaxation).
     """
     t0 = time.perf_counter()
     n, m, s = p.n, p.m, p.speedup
     base = equal_share_values(p)
     scale = np.maximum(base, 1e-12)
     rows, rhs = block_rows(p)
-    urows = utility_rows(p)
-    fixed_a = sp.vstack([rows, -urows]).tocsr()
-    fixed_b = np.concatenate([rhs, -base * (1 - TOL)])
+    fixed = rows.shape[0] + n
     capped = np.isfinite(p.caps)
     lam = np.zeros((n, n))
     lam[capped] = capped_price(s[capped], p.caps[capped], p.equal_share[capped])[:, None]
-    cuts = np.zeros((0, 2), dtype=int)
-    best, best_eff, lp_solves, refines = None, -np.inf, 0, 0
+    cuts = np.zeros((0, 2), dtype=int) if seed is None else np.asarray(seed, dtype=int).reshape(-1, 2)
+    lp = LP(-s.ravel(), sp.vstack([rows, -utility_rows(p)]).tocsr(), np.concatenate([rhs, -base * (1 - TOL)]))
+    lp.add(*ef_cut_rows(p, cuts, lam))
+    age = np.zeros(len(cuts), dtype=int)
+    ever = [cuts]          # every pair that was ever a row: stage 3's MILP starts from them
+    best, best_eff, bound, solves, added, refines, prev = None, -np.inf, None, 0, 0, 0, -np.inf
     while True:
         while True:
-            cut_a, cut_b = ef_cut_rows(p, cuts, lam)
-            xf = solve_lp(-s.ravel(), sp.vstack([fixed_a, cut_a]).tocsr(),
-                          np.concatenate([fixed_b, cut_b]), what="cooperative LP")
-            lp_solves += 1
-            x = np.clip(xf.reshape(n, m), 0.0, None)
+            z = lp.solve(deadline)
+            if z is None:
+                break
+            solves += 1
+            x = np.clip(z.reshape(n, m), 0.0, None)
+            if not capped.any():
+                bound = -lp.objective
             viol = ef_violations(p, x, lam, scale) if n > 1 else np.zeros((n, n))
             # per envious tenant, only its few most violated pairs: most pairs never bind
-            worst = np.argsort(-viol, axis=1)[:, :CUTS_PER_TENANT]
-            rows_i = np.repeat(np.arange(n), worst.shape[1])
-            new = np.stack([rows_i, worst.ravel()], axis=1)
+            k = min(CUTS_PER_TENANT, n - 1)
+            worst = np.argpartition(-viol, k - 1, axis=1)[:, :k] if k > 0 else np.zeros((n, 0), dtype=int)
+            new = np.stack([np.repeat(np.arange(n), k), worst.ravel()], axis=1)
             new = new[viol[new[:, 0], new[:, 1]] > TOL * 10]
             if len(new) == 0:
                 break
-            cuts = np.unique(np.concatenate([cuts, new]), axis=0)
+            if solves < KEEP_AFTER and len(cuts):
+                _, cut_b = ef_cut_rows(p, cuts, lam)
+                slack = (cut_b - lp.row_values()[fixed:]) / scale[cuts[:, 0]] > TOL * 10
+                age = np.where(slack, age + 1, 0)
+                gone = np.flatnonzero(age >= AGE)
+                lp.delete(fixed + gone)
+                cuts, age = np.delete(cuts, gone, axis=0), np.delete(age, gone)
+            lp.add(*ef_cut_rows(p, new, lam))
+            ever.append(new)
+            cuts, age, added = np.concatenate([cuts, new]), np.concatenate([age, np.zeros(len(new), int)]), \
+                added + len(new)
+        if z is None:
+            break
         eff = float((s * x).sum())
         if eff > best_eff:
             best, best_eff = x, eff
         if not capped.any() or refines >= max_refine or (refines and eff <= prev * (1 + 1e-9)):
             break
         prev, refines = eff, refines + 1
-        scaled = (p.weights[:, None, None] / p.weights[None, :, None]) * x[None, :, :]
-        new_lam = capped_price(np.broadcast_to(s[:, None, :], scaled.shape),
-                               np.broadcast_to(p.caps[:, None], (n, n)), scaled)
-        lam = np.where(capped[:, None], new_lam, 0.0)
+        lam = np.where(capped[:, None], cut_prices(p, x), 0.0)
+        lp.delete(fixed + np.arange(len(cuts)))
+        lp.add(*ef_cut_rows(p, cuts, lam))
     return Allocation("cooperative", best, time.perf_counter() - t0,
-                      {"lp_solves": lp_solves, "ef_cuts": int(len(cuts)), "refinements": refines,
-                       "fair_efficiency": best_eff, "_cuts": cuts})
+                      {"lp_solves": solves, "ef_cuts": int(len(cuts)), "ef_cuts_added": added,
+                       "refinements": refines, "optimal": z is not None,
+                       "fair_efficiency": best_eff if best is not None else None,
+                       "upper_bound": best_eff if z is not None and best is not None else bound, "_cuts": cuts,
+                       "_ever": np.unique(np.concatenate(ever), axis=0)})

@@ -1,25 +1,33 @@
 """What the solvers share: tolerances, the constraint blocks over x, the EF rows at a
-fixed cap price, one HiGHS call, and a guard for HiGHS's stray stdout.
+fixed cap price, one HiGHS call, a HiGHS model kept across re-solves (`LP`), and a
+guard for HiGHS's stray stdout.
 
 x is flattened tenant-major (column i*m + j). `block_rows` are the capacity and
 demand-cap rows every LP starts from; `utility_rows` @ x = U. EF against a capped
 valuation is not convex, so a pair (i, k) is enforced through the linear bound
 d_i lam + sum_j a_j (s_ij - lam)^+ >= f_i(a) at a fixed lam (`ef_cut_rows`), tight
 at the cap's dual price (`cut_prices`). Stage 1 (cooperative.py) adds these rows
-lazily, a tenant's few most violated pairs at a time (`ef_violations`); so does the
+lazily, a tenant's few most violated pairs at a time (`ef_violations`), into one
+`LP` that keeps its basis, so each re-solve is a few dual simplex pivots; so does the
 LP over the CEEI's face (pareto.py), all violated pairs at a time.
 """
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import math
 import os
 import sys
 import threading
+import time
 
 import numpy as np
 import scipy.sparse as sp
 from scipy.optimize import linprog
+
+# HiGHS' own Python bindings (highspy, the solver scipy's linprog wraps): a model that
+# keeps its basis when rows are added or deleted, which linprog cannot do
+import highspy
 
 from .problem import Problem, capped_price
 
@@ -28,7 +36,8 @@ CUTS_PER_TENANT = 3  # EF rows added per tenant and LP round
 HIGHS = {"primal_feasibility_tolerance": 1e-10, "dual_feasibility_tolerance": 1e-10}
 PE_TOL = 1e-9  # stage 2: a relative Pareto gain up to this counts as none
 ACCEPT_TOL = 1e-7  # stage 3: SI/EF slack and Pareto gain a candidate must meet (relative)
-MILP_TIME_LIMIT = 10.0  # seconds for stage 3's MILPs together
+MILP_TIME_LIMIT = 10.0  # seconds for stage 3's MILPs together (within the time budget)
+TIME_BUDGET = 2.0  # seconds for a whole `cooperative` call unless told otherwise
 WEIGHT_RATIO = 64.0  # stage 3: supporting welfare weights range over [1, max(WEIGHT_RATIO, 2 R_ceei)]
 
 
@@ -57,6 +66,60 @@ def solve_lp(c: np.ndarray, a_ub, b_ub: np.ndarray, bounds=(0, None), what: str 
     return res.x
 
 
+class LP:
+    """min c.x s.t. A x <= b, x >= lower (default 0), as one HiGHS model that rows are
+    added to and deleted from; each `solve` starts from the previous basis (dual simplex)."""
+
+    def __init__(self, c: np.ndarray, a: sp.csr_matrix, b: np.ndarray, lower: np.ndarray | None = None):
+        self.h = highspy.Highs()
+        for k, v in (("output_flag", False), ("presolve", "off"), *HIGHS.items()):
+            self.h.setOptionValue(k, v)
+        n = len(c)
+        lo = np.zeros(n) if lower is None else np.where(np.isfinite(lower), lower, -highspy.kHighsInf)
+        self.h.addVars(n, lo.astype(float), np.full(n, highspy.kHighsInf))
+        self.h.changeColsCost(n, np.arange(n, dtype=np.int32), np.asarray(c, dtype=float))
+        self.rows = 0
+        self.add(a, b)
+
+    def add(self, a: sp.csr_matrix, b: np.ndarray) -> None:
+        a = sp.csr_matrix(a)
+        if a.shape[0]:
+            self.h.addRows(a.shape[0], np.full(a.shape[0], -highspy.kHighsInf), np.asarray(b, dtype=float), a.nnz,
+                           a.indptr.astype(np.int32), a.indices.astype(np.int32), a.data.astype(float))
+            self.rows += a.shape[0]
+
+    def delete(self, rows: np.ndarray) -> None:
+        if len(rows):
+            self.h.deleteRows(len(rows), np.asarray(rows, dtype=np.int32))
+            self.rows -= len(rows)
+
+    def solve(self, deadline: float = math.inf) -> np.ndarray | None:
+        """The optimal x, or None if the deadline came first; RuntimeError if infeasible."""
+        left = deadline - time.perf_counter()
+        if left <= 0:
+            return None
+        # HiGHS's clock runs across calls: the limit is on its total run time
+        self.h.setOptionValue("time_limit", float(self.h.getRunTime() + min(left, 1e6)))
+        self.h.run()
+        status = self.h.getModelStatus()
+        if status == highspy.HighsModelStatus.kUnknown:   # numerical trouble from the warm basis: once cold
+            self.h.clearSolver()
+            self.h.run()
+            status = self.h.getModelStatus()
+        if status == highspy.HighsModelStatus.kTimeLimit:
+            return None
+        if status != highspy.HighsModelStatus.kOptimal:
+            raise RuntimeError(f"LP: HiGHS status {self.h.modelStatusToString(status)}")
+        return np.asarray(self.h.getSolution().col_value)
+
+    @property
+    def objective(self) -> float:
+        return float(self.h.getInfo().objective_function_value)
+
+    def row_values(self) -> np.ndarray:
+        return np.asarray(self.h.getSolution().row_value)
+
+
 # ---------------------------------------------------------------- EF rows at a fixed cap price
 
 def ef_cut_rows(p: Problem, pairs: np.ndarray, lam: np.ndarray) -> tuple[sp.csr_matrix, np.ndarray]:
@@ -75,9 +138,13 @@ def ef_cut_rows(p: Problem, pairs: np.ndarray, lam: np.ndarray) -> tuple[sp.csr_
 def ef_violations(p: Problem, x: np.ndarray, lam: np.ndarray, scale: np.ndarray) -> np.ndarray:
     """Relative violation of every pair's (linear, lam-priced) EF condition, (n, n)."""
     s = p.speedup
-    q = np.clip(s[:, None, :] - lam[:, :, None], 0.0, None)          # (n, n, m)
-    bound = np.where(lam > 0, finite(p.caps)[:, None] * lam, 0.0) + (
-        p.weights[:, None] / p.weights[None, :]) * np.einsum("ikm,km->ik", q, x)
+    per_weight = x / p.weights[:, None]
+    bound = p.weights[:, None] * (s @ per_weight.T)      # lam = 0: one (n, m) @ (m, n) product
+    rows = np.flatnonzero(lam.any(axis=1))                # capped tenants priced above 0
+    if len(rows):
+        q = np.clip(s[rows, None, :] - lam[rows, :, None], 0.0, None)          # (r, n, m)
+        bound[rows] = np.where(lam[rows] > 0, finite(p.caps)[rows, None] * lam[rows], 0.0) + \
+            p.weights[rows, None] * np.einsum("ikm,km->ik", q, per_weight)
     v = (bound - (s * x).sum(axis=1)[:, None]) / scale[:, None]
     np.fill_diagonal(v, -np.inf)
     return v

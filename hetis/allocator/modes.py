@@ -26,5 +26,11 @@ def solver(mode: str) -> Callable[[Problem], Allocation]:
     return BASELINES[mode]
 
 
-def allocate(p: Problem, mode: str) -> Allocation:
+def allocate(p: Problem, mode: str, time_limit: float | None = None, warm: list | None = None) -> Allocation:
+    """``time_limit`` (seconds) and ``warm`` (an earlier result's ``info["warm"]``) are
+    cooperative's; the other modes have no budget to keep."""
+    if mode == "cooperative":
+        from .cooperative import cooperative
+        from .lp import TIME_BUDGET
+        return cooperative(p, time_limit=TIME_BUDGET if time_limit is None else time_limit, warm=warm)
     return solver(mode)(p)

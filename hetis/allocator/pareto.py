@@ -18,11 +18,32 @@ import scipy.sparse as sp
 from scipy.optimize import linprog
 
 from .ceei import ceei
-from .lp import (ACCEPT_TOL, HIGHS, PE_TOL, TOL, WEIGHT_RATIO, block_rows, cut_prices, ef_cut_rows,
-                 ef_violations, solve_lp, utility_rows)
+from .lp import (
+    ACCEPT_TOL,
+    HIGHS,
+    MILP_TIME_LIMIT,
+    PE_TOL,
+    TOL,
+    WEIGHT_RATIO,
+    block_rows,
+    cut_prices,
+    ef_cut_rows,
+    ef_violations,
+    solve_lp,
+    utility_rows,
+)
 from .milp import pe_milp
-from .problem import (Problem, ef_pairs_tight, ef_slack, efficiency, equal_share_values, si_slack,
-                      utilities)
+from .problem import (
+    Problem,
+    ef_pairs_tight,
+    ef_slack,
+    efficiency,
+    equal_share_values,
+    si_slack,
+    utilities,
+)
+
+MIN_STAGE_SECONDS = 0.05  # less left than this: a stage is not started
 
 
 def pareto_improvement(p: Problem, x: np.ndarray) -> tuple[float, np.ndarray]:
@@ -51,14 +72,22 @@ def _acceptable(check: tuple[float, float, float]) -> bool:
     return si >= -ACCEPT_TOL and ef >= -ACCEPT_TOL and gain <= ACCEPT_TOL
 
 
-def pareto_stages(p: Problem, x: np.ndarray, cuts: np.ndarray, time_limit: float) -> tuple[np.ndarray, dict]:
-    """Stages 2 and 3 of `cooperative` on distinct tenants."""
+def pareto_stages(p: Problem, x: np.ndarray, cuts: np.ndarray, deadline: float) -> tuple[np.ndarray, dict]:
+    """Stages 2 and 3 of `cooperative` on distinct tenants, until ``deadline``
+    (perf_counter seconds); stage 3's MILPs get at most MILP_TIME_LIMIT of it. Without
+    time for the Pareto LP, ``pareto_efficient`` is None (not checked); without time for
+    stage 3, x* comes back with ``pareto_efficient`` False."""
     t0 = time.perf_counter()
+    if deadline - t0 < MIN_STAGE_SECONDS:
+        return x, {"pareto_efficient": None}
     gain, _ = pareto_improvement(p, x)
     info: dict = {"pareto_gain_lp": gain}
     if gain <= PE_TOL:
         return x, info
-    ce = ceei(p).x
+    if deadline - time.perf_counter() < MIN_STAGE_SECONDS:
+        info["pareto_efficient"] = gain <= ACCEPT_TOL
+        return x, info
+    ce = ceei(p, deadline).x
     ce_check = check_fair_pe(p, ce)
     ce_ok = _acceptable(ce_check)
     info["ceei_check"] = list(ce_check)
@@ -66,12 +95,13 @@ def pareto_stages(p: Problem, x: np.ndarray, cuts: np.ndarray, time_limit: float
     ratio = float((p.weights / u).max() / (p.weights / u).min())
     # start from stage 1's EF pairs and the pairs tight at the CEEI
     pairs = np.unique(np.concatenate([cuts.reshape(-1, 2), ef_pairs_tight(p, ce)]), axis=0)
-    if ce_ok:   # the best point of the CEEI's supporting face: PE, and a bound for the MILP
+    if ce_ok and deadline - time.perf_counter() > MIN_STAGE_SECONDS:
+        # the best point of the CEEI's supporting face: PE, and a bound for the MILP
         face = _best_on_face(p, ce)
         if face is not None and _acceptable(check_fair_pe(p, face)) and efficiency(p, face) > efficiency(p, ce):
             ce = face
     mx, minfo = pe_milp(p, pairs, efficiency(p, ce) if ce_ok else None, max(WEIGHT_RATIO, 2.0 * ratio),
-                        t0 + time_limit)
+                        min(t0 + MILP_TIME_LIMIT, deadline))
     info.update(minfo)
     if mx is not None:
         check = check_fair_pe(p, mx)

@@ -87,6 +87,12 @@ class Problem:
         return (self.weights / self.weights.sum())[:, None] * self.capacity[None, :]
 
 
+FAIR_TOL = 1e-6   # an SI or EF slack >= -FAIR_TOL counts as held (CLI, GetAllocation, Explain)
+
+# cooperative's info["stage"] -> what the CLI and the service report
+STAGES = {"lp": "fair_optimum", "milp": "pareto_refinement", "ceei": "pareto_refinement", "fallback": "fallback"}
+
+
 @dataclass
 class Allocation:
     mode: str
@@ -97,6 +103,20 @@ class Allocation:
     def as_dict(self, p: Problem, digits: int = 6) -> dict[str, dict[str, float]]:
         return {t: {g: round(float(v), digits) for g, v in zip(p.gpu_types, row)}
                 for t, row in zip(p.tenants, self.x)}
+
+    def outcome(self) -> dict:
+        """Which stage produced x: ``stage`` fair_optimum, pareto_refinement or fallback
+        (cooperative; "exact" for the other modes, each computed to its own definition),
+        ``solver`` (lp, milp, ceei, fpx; else the mode), ``optimality_gap`` (relative: how
+        far the efficiency may be below the SI+EF optimum; None if unknown or not
+        applicable) and ``pareto_efficient`` (None if not checked)."""
+        info = self.info
+        if self.mode != "cooperative" or "stage" not in info:
+            return {"stage": "exact", "solver": self.mode, "optimality_gap": None, "pareto_efficient": None}
+        pe = info.get("pareto_efficient", True if "pareto_gain_lp" in info else None)
+        gap = info.get("gap")
+        return {"stage": STAGES[info["stage"]], "solver": "fpx" if info["stage"] == "fallback" else info["stage"],
+                "optimality_gap": None if gap is None else float(gap), "pareto_efficient": pe}
 
 
 # ---------------------------------------------------------------- valuations

@@ -15,7 +15,14 @@ from typing import TYPE_CHECKING
 
 from hetis.v1 import allocator_pb2 as pb
 
-from .problem import ef_slack, equal_share_values, most_envied, si_slack, utilities
+from .problem import (
+    FAIR_TOL,
+    ef_slack,
+    equal_share_values,
+    most_envied,
+    si_slack,
+    utilities,
+)
 from .spec import SpecError, TenantSpec, parse_inventory, parse_prices, parse_tenant
 
 if TYPE_CHECKING:
@@ -59,10 +66,17 @@ def allocation_to_pb(snap: Snapshot, mode: str, alloc: Allocation | None) -> pb.
     u, si, ef = utilities(p, alloc.x), si_slack(p, alloc.x), ef_slack(p, alloc.x)
     for i, name in enumerate(p.tenants):
         out.tenants.add(tenant=name, gpus=dict(zip(p.gpu_types, map(float, alloc.x[i]))),
-                        utility=float(u[i]), sharing_incentive=bool(si[i] >= -1e-6),
-                        envy_free=bool(ef[i] >= -1e-6))
+                        utility=float(u[i]), sharing_incentive=bool(si[i] >= -FAIR_TOL),
+                        envy_free=bool(ef[i] >= -FAIR_TOL))
     out.efficiency, out.solve_seconds = float(u.sum()), alloc.solve_seconds
+    out.outcome.CopyFrom(outcome_to_pb(alloc))
     return out
+
+
+def outcome_to_pb(alloc: Allocation) -> pb.Outcome:
+    o = alloc.outcome()
+    return pb.Outcome(stage=o["stage"], solver=o["solver"], optimality_gap=o["optimality_gap"],
+                      pareto_efficient=o["pareto_efficient"])
 
 
 def explain_to_pb(snap: Snapshot, mode: str, alloc: Allocation | None, tenants) -> pb.ExplainResponse:
@@ -81,6 +95,7 @@ def explain_to_pb(snap: Snapshot, mode: str, alloc: Allocation | None, tenants) 
                             speedup=dict(zip(p.gpu_types, map(float, p.speedup[i]))),
                             gpus=dict(zip(p.gpu_types, map(float, x[i]))))
     out.efficiency = float(u.sum())
+    out.outcome.CopyFrom(outcome_to_pb(alloc))
     return out
 
 

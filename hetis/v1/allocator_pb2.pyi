@@ -121,7 +121,7 @@ class TenantAllocation(_message.Message):
     def __init__(self, tenant: _Optional[str] = ..., gpus: _Optional[_Mapping[str, float]] = ..., utility: _Optional[float] = ..., sharing_incentive: _Optional[bool] = ..., envy_free: _Optional[bool] = ...) -> None: ...
 
 class Allocation(_message.Message):
-    __slots__ = ("mode", "version", "tenants", "efficiency", "inventory", "solve_seconds")
+    __slots__ = ("mode", "version", "tenants", "efficiency", "inventory", "solve_seconds", "outcome")
     class InventoryEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -135,13 +135,27 @@ class Allocation(_message.Message):
     EFFICIENCY_FIELD_NUMBER: _ClassVar[int]
     INVENTORY_FIELD_NUMBER: _ClassVar[int]
     SOLVE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
     mode: str
     version: int
     tenants: _containers.RepeatedCompositeFieldContainer[TenantAllocation]
     efficiency: float
     inventory: _containers.ScalarMap[str, int]
     solve_seconds: float
-    def __init__(self, mode: _Optional[str] = ..., version: _Optional[int] = ..., tenants: _Optional[_Iterable[_Union[TenantAllocation, _Mapping]]] = ..., efficiency: _Optional[float] = ..., inventory: _Optional[_Mapping[str, int]] = ..., solve_seconds: _Optional[float] = ...) -> None: ...
+    outcome: Outcome
+    def __init__(self, mode: _Optional[str] = ..., version: _Optional[int] = ..., tenants: _Optional[_Iterable[_Union[TenantAllocation, _Mapping]]] = ..., efficiency: _Optional[float] = ..., inventory: _Optional[_Mapping[str, int]] = ..., solve_seconds: _Optional[float] = ..., outcome: _Optional[_Union[Outcome, _Mapping]] = ...) -> None: ...
+
+class Outcome(_message.Message):
+    __slots__ = ("stage", "solver", "optimality_gap", "pareto_efficient")
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    SOLVER_FIELD_NUMBER: _ClassVar[int]
+    OPTIMALITY_GAP_FIELD_NUMBER: _ClassVar[int]
+    PARETO_EFFICIENT_FIELD_NUMBER: _ClassVar[int]
+    stage: str
+    solver: str
+    optimality_gap: float
+    pareto_efficient: bool
+    def __init__(self, stage: _Optional[str] = ..., solver: _Optional[str] = ..., optimality_gap: _Optional[float] = ..., pareto_efficient: _Optional[bool] = ...) -> None: ...
 
 class WatchAllocationRequest(_message.Message):
     __slots__ = ()
@@ -257,13 +271,15 @@ class TenantExplanation(_message.Message):
     def __init__(self, tenant: _Optional[str] = ..., utility: _Optional[float] = ..., equal_share_utility: _Optional[float] = ..., si_slack: _Optional[float] = ..., ef_slack: _Optional[float] = ..., most_envied: _Optional[str] = ..., speedup: _Optional[_Mapping[str, float]] = ..., gpus: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class ExplainResponse(_message.Message):
-    __slots__ = ("mode", "version", "efficiency", "tenants")
+    __slots__ = ("mode", "version", "efficiency", "tenants", "outcome")
     MODE_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     EFFICIENCY_FIELD_NUMBER: _ClassVar[int]
     TENANTS_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
     mode: str
     version: int
     efficiency: float
     tenants: _containers.RepeatedCompositeFieldContainer[TenantExplanation]
-    def __init__(self, mode: _Optional[str] = ..., version: _Optional[int] = ..., efficiency: _Optional[float] = ..., tenants: _Optional[_Iterable[_Union[TenantExplanation, _Mapping]]] = ...) -> None: ...
+    outcome: Outcome
+    def __init__(self, mode: _Optional[str] = ..., version: _Optional[int] = ..., efficiency: _Optional[float] = ..., tenants: _Optional[_Iterable[_Union[TenantExplanation, _Mapping]]] = ..., outcome: _Optional[_Union[Outcome, _Mapping]] = ...) -> None: ...

@@ -17,6 +17,8 @@ Flags:
   --metrics-port PORT       Prometheus port (default 9461; -1 turns it off, 0 picks one)
   --round-seconds S         length of a round and of a lease (default 60)
   --debounce-seconds S      quiet time after a change before recomputing (default 0.5)
+  --time-limit S            seconds per cooperative solve, Pareto stages included
+                            (default 2; past it the result says its stage and gap)
   --log-level LEVEL         DEBUG, INFO (default), WARNING, ERROR
 """
 from __future__ import annotations
@@ -40,6 +42,7 @@ def parse_args(argv=None) -> AllocatorConfig:
     ap.add_argument("--metrics-port", type=int, default=d.metrics_port)
     ap.add_argument("--round-seconds", type=float, default=d.round_seconds)
     ap.add_argument("--debounce-seconds", type=float, default=d.debounce_seconds)
+    ap.add_argument("--time-limit", type=float, default=d.time_limit)
     ap.add_argument("--log-level", default=d.log_level, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     try:
         return AllocatorConfig(**vars(ap.parse_args(argv)))

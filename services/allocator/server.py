@@ -58,7 +58,7 @@ class Allocator(allocator_pb2_grpc.AllocatorServicer):
     def WatchAllocation(self, request, context):
         seen = 0
         while context.is_active() and not self.runtime.stopping.is_set():
-            res = self.runtime.wait_round(seen)
+            res, snap = self.runtime.wait_round_and_snapshot(seen)
             if res is not None:
                 seen = res.round
-                yield wire.round_to_pb(res, self.runtime.snap)
+                yield wire.round_to_pb(res, snap)

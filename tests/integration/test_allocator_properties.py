@@ -15,11 +15,11 @@ from tests.helpers.alloc_instances import TOL, assert_feasible, fair, problems
 @settings(max_examples=150, deadline=None)
 @given(problems())
 def test_both_oef_modes_are_feasible_si_and_ef(p):
-    for mode in (cooperative, noncooperative):
+    for mode in (lambda q: cooperative(q, time_limit=60), noncooperative):
         x = mode(p).x
         assert_feasible(p, x)
-        assert si_slack(p, x).min() >= -TOL, mode.__name__
-        assert ef_slack(p, x).min() >= -TOL, mode.__name__
+        assert si_slack(p, x).min() >= -TOL
+        assert ef_slack(p, x).min() >= -TOL
 
 
 def candidates(p):
@@ -43,7 +43,7 @@ def test_cooperative_is_pareto_efficient(p):
 @given(problems(max_n=4, max_m=3))
 def test_cooperative_is_at_least_as_efficient_as_every_fair_and_pareto_efficient_baseline(p):
     # partial allocation scales bundles down, so it is never Pareto efficient: left out
-    best = efficiency(p, cooperative(p).x)
+    best = efficiency(p, cooperative(p, time_limit=60).x)
     for name, f in candidates(p).items():
         if name == "partial-allocation":
             continue
@@ -57,7 +57,7 @@ def test_cooperative_is_at_least_as_efficient_as_every_fair_and_pareto_efficient
 @given(problems(max_n=4, max_m=3))
 def test_fair_optimum_is_at_least_as_efficient_as_every_fair_baseline(p):
     # stage 1 alone (pareto=False): max efficiency s.t. SI and EF, Pareto efficient or not
-    best = efficiency(p, cooperative(p, pareto=False).x)
+    best = efficiency(p, cooperative(p, pareto=False, time_limit=60).x)
     n_fair = 0
     for name, f in candidates(p).items():
         x = f(p).x

@@ -26,6 +26,11 @@ def test_json_output_for_every_mode(tmp_path, capsys, mode):
     assert out["efficiency"] == pytest.approx(sum(t["utility"] for t in out["tenants"].values()), abs=1e-4)
     if mode in ("cooperative", "noncooperative", "equal"):
         assert all(t["sharing_incentive"] and t["envy_free"] for t in out["tenants"].values())
+    if mode == "cooperative":   # which stage produced it, and how far below the SI+EF optimum
+        assert out["stage"] in ("fair_optimum", "pareto_refinement") and 0 <= out["optimality_gap"] < 0.5
+        assert out["pareto_efficient"] is True and out["solver"] in ("lp", "milp", "ceei")
+    else:
+        assert out["stage"] == "exact" and out["optimality_gap"] is None
 
 
 @pytest.mark.parametrize("text, where", [

@@ -123,3 +123,39 @@ def test_rounds_are_integer_and_carry_on_in_a_new_runtime(rt):
         assert again.run_round().round > first.round
     finally:
         again.close()
+
+
+def test_the_outcome_says_which_stage_produced_the_allocation(rt):
+    populate(rt)
+    snap, alloc = rt.solve()
+    msg = wire.allocation_to_pb(snap, snap.mode, alloc)
+    assert msg.outcome.stage in ("fair_optimum", "pareto_refinement") and msg.outcome.solver in ("lp", "milp", "ceei")
+    assert msg.outcome.HasField("optimality_gap") and 0 <= msg.outcome.optimality_gap < 0.5
+    assert msg.outcome.pareto_efficient
+    ex = wire.explain_to_pb(snap, snap.mode, alloc, [])
+    assert ex.outcome == msg.outcome
+    other = wire.allocation_to_pb(snap, "equal", rt.solve("equal")[1]).outcome
+    assert other.stage == "exact" and not other.HasField("optimality_gap") and not other.HasField("pareto_efficient")
+
+
+def test_without_an_allocation_the_round_thread_sleeps_instead_of_spinning():
+    r = AllocatorRuntime(MemoryStore(), AllocatorConfig(round_seconds=3600, debounce_seconds=0))
+    calls = []
+    run = r.run_round
+    r.run_round = lambda: calls.append(1) or run()
+    try:
+        import time
+        time.sleep(0.3)
+        assert len(calls) <= 2          # the old loop called it thousands of times a second
+    finally:
+        r.close()
+
+
+def test_a_recompute_starts_from_the_previous_solution(rt):
+    populate(rt)
+    first = rt.current().alloc
+    assert first.info["warm"]           # the EF rows it ended with, by tenant name
+    rt.upsert_tenant(wire.tenant_from_pb(pb.UpsertTenantRequest(tenant=pb.Tenant(
+        name="dave", throughput={"v100": 2.0, "p100": 1.5, "k80": 1.0}))))
+    again = rt.current().alloc
+    assert again.info["lp_solves"] >= 1 and again.x.shape == (4, 3)
