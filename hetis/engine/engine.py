@@ -114,7 +114,7 @@ class Engine:
         if not chunks:
             return outs
         step = Step([StepChunk(c.seq.seq_id, c.start, c.seq.tokens(c.start, c.start + c.num_new),
-                               c.sample, c.seq.params, c.seq.generator) for c in chunks],
+                               c.sample, c.seq.params) for c in chunks],
                     self.scheduler.items(chunks), self.take_freed())
         toks = self.executor.execute(step)
         sampled = [c for c in chunks if c.sample]

@@ -4,12 +4,8 @@ from __future__ import annotations
 import enum
 import itertools
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from hetis.engine.sampling import SamplingParams
-
-if TYPE_CHECKING:
-    import torch
 
 _ids = itertools.count()
 
@@ -34,15 +30,9 @@ class Sequence:
     placement: list[int] | None = None   # head group -> backend index
     text: str = ""                 # detokenised output (stop strings cut)
     emitted: int = 0               # chars of text already streamed
-    generator: "torch.Generator | None" = None
     num_preemptions: int = 0
     arrival: float = 0.0
     first_token_time: float | None = None
-
-    def __post_init__(self):
-        if self.params.seed is not None:
-            import torch  # only seeded requests need one
-            self.generator = torch.Generator().manual_seed(self.params.seed)
 
     @property
     def num_tokens(self) -> int:

@@ -15,12 +15,8 @@ step raises ``StepFailed``, and the serving loop fails the requests in flight.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from hetis.engine.sampling import SamplingParams
-
-if TYPE_CHECKING:  # the step is plain data; torch loads only where tensors are made
-    import torch
 
 
 @dataclass
@@ -40,8 +36,7 @@ class StepChunk:
     start: int
     token_ids: list[int]
     sample: bool = False              # the chunk reaches the last known token: sample one
-    params: SamplingParams | None = None
-    generator: "torch.Generator | None" = None
+    params: SamplingParams | None = None  # seeded draws depend on (seed, position) only
 
 
 @dataclass

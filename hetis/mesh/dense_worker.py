@@ -16,9 +16,8 @@ backend is replaced by a :class:`LostBackend`, and the step fails with
 :class:`BackendsLost` naming the backend indices; the router then recomputes
 the sequences that lived there on the other devices and retries the rest.
 
-Sampling across the wire: a seeded request's generator lives here, one per
-sequence, created at its first sampled step and dropped when the router says
-the sequence was freed, so a seed gives the same tokens as in ``hetis.LLM``.
+Sampling across the wire needs no state here: a seeded draw depends on the
+request's seed and the token's position only (hetis/model/sampler.py).
 """
 from __future__ import annotations
 
@@ -88,7 +87,6 @@ class DenseWorker:
         self.dist_backends: set[str] = set()
         self.connected = False
         self.connect_lock = threading.Lock()
-        self.generators: dict[int, torch.Generator] = {}
         self.step_lock = threading.Lock()
         self.wid = cfg.worker_id or ""
         self.steps = 0
@@ -178,14 +176,6 @@ class DenseWorker:
 
     def execute(self, step: Step) -> tuple[list[int], StepTimes]:
         """Run one step; IndexError/ValueError mean a layout that does not fit this worker."""
-        for s in step.freed:
-            self.generators.pop(s, None)
-        for c in step.chunks:
-            if c.sample and c.params.seed is not None:
-                c.generator = self.generators.get(c.seq_id)
-                if c.generator is None:
-                    g = torch.Generator(device=self.model.device).manual_seed(c.params.seed)
-                    c.generator = self.generators[c.seq_id] = g
         with self.step_lock, torch.inference_mode():
             self.residency.update(step.work[0], step.freed)
             try:

@@ -255,7 +255,7 @@ def step_to_proto(step: Step, step_id: int) -> wpb.StepRequest:
 
 def step_from_proto(req: wpb.StepRequest, num_backends: int) -> Step:
     """The Step a dense worker with ``num_backends`` backends executes. Sampling chunks carry
-    their seed in ``params.seed``; the worker keeps one generator per seeded sequence."""
+    their seed in ``params.seed`` (a draw depends on seed and position only)."""
     chunks = []
     for i, c in enumerate(req.chunks):
         if not c.token_ids:

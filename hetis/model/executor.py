@@ -53,7 +53,8 @@ class Executor:
         t0 = time.perf_counter()
         logits = self.forward(step)
         sampled = [c for c in step.chunks if c.sample]
-        toks = sample(logits, [c.params for c in sampled], [c.generator for c in sampled]) if sampled else []
+        toks = sample(logits, [c.params for c in sampled],
+                      [c.start + len(c.token_ids) for c in sampled]) if sampled else []
         self.last_times.total = time.perf_counter() - t0
         return toks
 

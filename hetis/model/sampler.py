@@ -1,4 +1,12 @@
-"""The sampler: one token per logits row, each row with its own parameters and generator."""
+"""The sampler: one token per logits row, each row with its own parameters.
+
+Seeded sampling is stateless: the random draw for the token at position ``p`` of
+a request with seed ``s`` comes from a generator seeded with ``(s, p)``. A token
+therefore depends only on the request, never on what ran before on that worker:
+a sequence recomputed after a preemption, a lost attention worker or a dense
+worker's restart (or moved to another dense worker) samples exactly the tokens
+it would have, with no generator state to carry or lose.
+"""
 from __future__ import annotations
 
 import torch
@@ -21,9 +29,17 @@ def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     return logits
 
 
+_MIX = 0x9E3779B97F4A7C15  # golden-ratio increment: spreads consecutive positions apart
+
+
+def position_generator(seed: int, position: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The generator of the draw for the token at ``position`` of a request seeded ``seed``."""
+    return torch.Generator(device=device).manual_seed((seed ^ (position * _MIX)) % (1 << 63))
+
+
 def sample(logits: torch.Tensor, params: list[SamplingParams],
-           generators: list[torch.Generator | None]) -> list[int]:
-    """One token per row of float32 ``logits`` [N, V].
+           positions: list[int]) -> list[int]:
+    """One token per row of float32 ``logits`` [N, V]; row i samples position ``positions[i]``.
 
     A row is sampled from its own logits only: whatever one request asks for, another
     row's token cannot change or fail. Greedy rows (temperature < SAMPLING_EPS) take the
@@ -37,5 +53,6 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
         probs = _filter(logits[i] / p.temperature, p.top_k, p.top_p).softmax(-1)
         if not bool(torch.isfinite(probs).all()) or not float(probs.sum()) > 0:
             continue
-        out[i] = int(torch.multinomial(probs, 1, generator=generators[i]))
+        gen = None if p.seed is None else position_generator(p.seed, positions[i], logits.device)
+        out[i] = int(torch.multinomial(probs, 1, generator=gen))
     return out

@@ -77,21 +77,24 @@ def _greedy(stub, prompt: str, n: int) -> list[int]:
 
 
 def _streams_through_a_fault(llm, fault, dense_args=(), then=None):
-    """16 greedy streams on a mesh with two attention workers (round-robin: both hold
-    groups); ``fault(cluster)`` hits attn-1 once every stream has produced tokens."""
+    """16 streams (8 greedy, 8 seeded) on a mesh with two attention workers (round-robin:
+    both hold groups); ``fault(cluster)`` hits attn-1 once every stream has produced tokens."""
     c = Cluster(attn_workers=2, policy="round-robin", dense_args=dense_args)
     try:
         base = llm.tokenizer.encode("The history of the printing press begins in the fifteenth century, when ")
         prompts = [base[: 4 + i] for i in range(16)]
+        # even streams greedy, odd ones seeded sampling: both must come out exactly
+        sampling = [dict(temperature=0, max_tokens=40, ignore_eos=True) if i % 2 == 0 else
+                    dict(temperature=0.8, top_p=0.95, seed=100 + i, max_tokens=40, ignore_eos=True)
+                    for i in range(16)]
         want = [o.token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts],
-                                                  SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))]
+                                                  [SamplingParams(**sp) for sp in sampling])]
         got, started, errors = [None] * 16, threading.Barrier(17), []
         with grpc.insecure_channel(c.target) as ch:
             stub = generation_pb2_grpc.GenerationStub(ch)
 
             def one(i):
-                req = pb.GenerateRequest(sampling=pb.SamplingParams(temperature=0, max_tokens=40,
-                                                                    ignore_eos=True))
+                req = pb.GenerateRequest(sampling=pb.SamplingParams(**sampling[i]))
                 req.prompt_token_ids.ids.extend(prompts[i])
                 toks = []
                 try:
