@@ -72,7 +72,7 @@ def test_head_groups_resident_on_attention_workers(cluster, llm):
     """While a request runs, cluster status shows its groups spread over the workers."""
     box = {}
     t = threading.Thread(target=lambda: box.setdefault("r", run(cluster.stub, prompt="Tell me a story.",
-                                                                  sampling=greedy(160))))
+                                                                  sampling=greedy(48))))
     t.start()
     seen: dict[str, set] = {}
     deadline = time.monotonic() + 120
@@ -98,7 +98,7 @@ def test_head_groups_resident_on_attention_workers(cluster, llm):
         with grpc.insecure_channel(addr) as ch:
             s = worker_pb2_grpc.AttentionWorkerStub(ch).Stats(worker_pb2.StatsRequest(), timeout=10)
         assert s.joined and s.steps > 0
-    ref = llm.generate("Tell me a story.", SamplingParams(temperature=0, max_tokens=160, ignore_eos=True))[0]
+    ref = llm.generate("Tell me a story.", SamplingParams(temperature=0, max_tokens=48, ignore_eos=True))[0]
     assert box["r"][0] == ref.token_ids
 
 
