@@ -26,7 +26,7 @@ def noncooperative(p: Problem) -> Allocation:
     Proofs in docs/allocator.md.
     """
     t0 = time.perf_counter()
-    n, m, s = p.n, p.m, p.speedup
+    m, s = p.m, p.speedup
     e = p.equal_share
     capped_at_e = bool(np.any(p.caps < e.sum(axis=1) * (1 - 1e-12)))
     prices = np.ones(m) if p.prices is None or capped_at_e else p.prices

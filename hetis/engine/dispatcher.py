@@ -96,15 +96,15 @@ class Dispatcher:
         need = cdiv(self.expected_len(seq), self.block_size)
         free = [d.capacity_blocks - r for d, r in zip(self.devices, reserved)]
         n = len(self.devices)
+        live = [i for i in range(n) if not self.devices[i].lost]
         placement = []
         for g in range(self.G):
-            fits = [i for i in range(n) if free[i] >= need and not self.devices[i].lost]
+            fits = [i for i in live if free[i] >= need]
             if not fits:
                 return None
             if self.policy == "local-only":
                 d = 0 if 0 in fits else None
             elif self.policy == "round-robin":  # the next live device in turn
-                live = [i for i in range(n) if not self.devices[i].lost]
                 d = live[(self._rr + g) % len(live)]
                 d = d if d in fits else None
             else:

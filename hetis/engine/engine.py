@@ -172,7 +172,7 @@ class Engine:
     def reset_devices(self, devices: list[Device]) -> list[Sequence]:
         """Start over on a new set of devices (the dense worker restarted: every KV cache is
         gone). Every running sequence is recomputed; returns those. Call between steps."""
-        moved = [s for s in reversed(list(self.scheduler.running))]
+        moved = list(reversed(self.scheduler.running))  # the earliest ends first in line
         for seq in moved:
             self.scheduler.preempt(seq)
         for seq in self.scheduler.waiting:

@@ -23,10 +23,9 @@ import grpc
 from google.protobuf.message import DecodeError
 from google.protobuf.message_factory import GetMessageClass
 from grpc_health.v1 import _async as health_async
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health_pb2
 
-from hetis.mesh.service import GRPC_OPTIONS, start_metrics
+from hetis.mesh.service import GRPC_OPTIONS, equip
 
 log = logging.getLogger("hetis.service")
 
@@ -70,13 +69,8 @@ class AsyncService:
         self.server = grpc.aio.server(options=GRPC_OPTIONS)
         self.server.add_generic_rpc_handlers(handlers)
         self.health = health_async.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            self.service_names + [health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
-        self.port = self.server.add_insecure_port(f"{host}:{port}")
-        if self.port == 0:
-            raise RuntimeError(f"{name}: cannot bind {host}:{port}")
-        self.metrics_port = start_metrics(metrics_port)
+        self.port, self.metrics_port = equip(self.server, name, self.health, self.service_names,
+                                             host, port, metrics_port)
 
     async def set_serving(self, ok: bool) -> None:
         status = (health_pb2.HealthCheckResponse.SERVING if ok

@@ -85,7 +85,6 @@ class DenseWorker:
         self.executor = Executor(self.model, [self.local])
         self.peers: list[wire.Peer] = []     # backend i + 1 is peers[i]
         self.dist_backends: set[str] = set()
-        self.connected = False
         self.connect_lock = threading.Lock()
         self.step_lock = threading.Lock()
         self.wid = cfg.worker_id or ""
@@ -142,7 +141,6 @@ class DenseWorker:
                          peer.id, addr, backends.index(remote), peer.latency_s * 1e6, peer.bandwidth_bps / 1e9)
             if todo and len(errors) == len(todo):
                 raise ConnectFailed("; ".join(errors))
-            self.connected = True
             return self.info()
 
     def _join(self, addr: str) -> tuple[RemoteAttention, wire.Peer]:

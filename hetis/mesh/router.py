@@ -263,9 +263,10 @@ class Router:
         self._check_size("prompt", len(prompt))
         return await asyncio.get_running_loop().run_in_executor(self.pool, self.tokenizer.encode, prompt)
 
-    async def encode_chat_async(self, messages: list[dict]) -> tuple[list[int], str]:
+    async def encode_chat(self, messages: list[dict]) -> tuple[list[int], str]:
+        """(token ids, rendered prompt) of a chat, off the event loop; ParamError if too long."""
         self._check_size("messages", sum(len(m["content"]) + len(m["role"]) for m in messages))
-        return await asyncio.get_running_loop().run_in_executor(self.pool, self.encode_chat, messages)
+        return await asyncio.get_running_loop().run_in_executor(self.pool, self._encode_chat, messages)
 
     def render_chat(self, messages: list[dict]) -> str:
         """The chat prompt; a template that fails is the input's fault (ParamError)."""
@@ -276,7 +277,7 @@ class Router:
         except Exception as e:  # noqa: BLE001 - jinja errors raised by the template itself
             raise ParamError("messages", f"chat template failed: {e}") from None
 
-    def encode_chat(self, messages: list[dict]) -> tuple[list[int], str]:
+    def _encode_chat(self, messages: list[dict]) -> tuple[list[int], str]:
         text = self.render_chat(messages)
         return self.tokenizer.tok.encode(text, add_special_tokens=False).ids, text
 

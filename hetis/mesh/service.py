@@ -47,6 +47,19 @@ def start_metrics(port: int | None) -> int | None:
     return server.server_port
 
 
+def equip(server, name: str, health_servicer, service_names: list[str], host: str, port: int,
+          metrics_port: int | None) -> tuple[int, int | None]:
+    """Health, reflection, the listening port and metrics of a (sync or aio) gRPC server;
+    returns (bound port, metrics port)."""
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        list(service_names) + [health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise RuntimeError(f"{name}: cannot bind {host}:{port}")
+    return bound, start_metrics(metrics_port)
+
+
 class Service:
     """A started gRPC server with health and reflection; ``stop()`` is idempotent."""
 
@@ -60,14 +73,9 @@ class Service:
         for reg in register:
             reg(self.server)
         self.health = health.HealthServicer(experimental_non_blocking=True)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.service_names = list(service_names)
-        reflection.enable_server_reflection(
-            self.service_names + [health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
-        self.port = self.server.add_insecure_port(f"{host}:{port}")
-        if self.port == 0:
-            raise RuntimeError(f"{name}: cannot bind {host}:{port}")
-        self.metrics_port = start_metrics(metrics_port)
+        self.port, self.metrics_port = equip(self.server, name, self.health, self.service_names,
+                                             host, port, metrics_port)
         self._stopped = threading.Event()
 
     def start(self) -> "Service":
@@ -92,6 +100,14 @@ class Service:
 
     def wait(self) -> None:
         self._stopped.wait()
+
+
+def serve_worker(name: str, cfg, worker, add_servicer: Callable[[grpc.Server], None],
+                 service_name: str) -> None:
+    """Serve a worker's servicer until SIGTERM: the worker registers in Redis once its port
+    is known (``register(port)``) and ``close()``s when asked to stop."""
+    serve(name, cfg.port, [add_servicer], [service_name], metrics_port=cfg.metrics_port,
+          on_stop=worker.close, host=cfg.host, on_started=lambda svc: worker.register(svc.port))
 
 
 def serve(name: str, port: int, register: Iterable[Callable[[grpc.Server], None]],

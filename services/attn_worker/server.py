@@ -6,7 +6,7 @@ import grpc
 from hetis.mesh import wire
 from hetis.mesh.attn_worker import AttentionWorker, InAnotherGroup
 from hetis.mesh.flags import WorkerConfig, apply_threads, check_device
-from hetis.mesh.service import serve, setup_logging
+from hetis.mesh.service import serve_worker, setup_logging
 from hetis.v1 import worker_pb2, worker_pb2_grpc
 
 
@@ -33,7 +33,6 @@ def run(cfg: WorkerConfig) -> None:
     check_device(cfg.device)
     worker = AttentionWorker(cfg)
     impl = AttentionWorkerServicer(worker)
-    serve("attn_worker", cfg.port,
-          [lambda s: worker_pb2_grpc.add_AttentionWorkerServicer_to_server(impl, s)],
-          ["hetis.v1.AttentionWorker"], metrics_port=cfg.metrics_port, on_stop=worker.close,
-          host=cfg.host, on_started=lambda svc: worker.register(svc.port))
+    serve_worker("attn_worker", cfg, worker,
+                 lambda s: worker_pb2_grpc.add_AttentionWorkerServicer_to_server(impl, s),
+                 "hetis.v1.AttentionWorker")

@@ -9,7 +9,7 @@ from prometheus_client import Counter, Histogram
 from hetis.mesh import wire
 from hetis.mesh.dense_worker import BackendsLost, ConnectFailed, DenseWorker
 from hetis.mesh.flags import DenseWorkerConfig, apply_threads, check_device
-from hetis.mesh.service import serve, setup_logging
+from hetis.mesh.service import serve_worker, setup_logging
 from hetis.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger("hetis.dense_worker")
@@ -61,7 +61,6 @@ def run(cfg: DenseWorkerConfig) -> None:
     check_device(cfg.device)
     worker = DenseWorker(cfg)
     impl = DenseWorkerServicer(worker)
-    serve("dense_worker", cfg.port,
-          [lambda s: worker_pb2_grpc.add_DenseWorkerServicer_to_server(impl, s)],
-          ["hetis.v1.DenseWorker"], metrics_port=cfg.metrics_port, on_stop=worker.close,
-          host=cfg.host, on_started=lambda svc: worker.register(svc.port))
+    serve_worker("dense_worker", cfg, worker,
+                 lambda s: worker_pb2_grpc.add_DenseWorkerServicer_to_server(impl, s),
+                 "hetis.v1.DenseWorker")

@@ -48,7 +48,7 @@ class Generation:
 
     async def Chat(self, req: pb.ChatRequest, ctx):
         try:
-            ids, text = await self.router.encode_chat_async(wire.messages_from_proto(req.messages))
+            ids, text = await self.router.encode_chat(wire.messages_from_proto(req.messages))
         except ValueError as e:
             await ctx.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         async for chunk in self._stream(req.request_id, ids, req.sampling, text, ctx):
@@ -57,7 +57,7 @@ class Generation:
     async def Tokenize(self, req: pb.TokenizeRequest, ctx):
         r = self.router
         try:
-            ids = ((await r.encode_chat_async(wire.messages_from_proto(req.messages)))[0]
+            ids = ((await r.encode_chat(wire.messages_from_proto(req.messages)))[0]
                    if req.messages else await r.encode(req.text))
         except ValueError as e:
             await ctx.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
