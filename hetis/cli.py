@@ -75,10 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = sub.add_parser("up", help="start a local cluster (Ctrl-C stops it)",
                         description="Start a private Redis (unless --redis-url), N attention "
-                        "workers, a dense worker and the router as child processes; wait until "
+                        "workers, dense workers and the router as child processes; wait until "
                         "all are healthy; stop them all on Ctrl-C or SIGTERM.")
     up.add_argument("--attn-workers", type=nonneg_int, default=2, metavar="N",
                     help="attention workers (default %(default)s)")
+    up.add_argument("--dense-workers", type=positive_int, default=1, metavar="N",
+                    help="dense workers: serving instances, each with its own batch, sharing the "
+                    "attention workers (default %(default)s)")
     up.add_argument("--port", type=port_number, default=defaults.ROUTER_PORT,
                     help="router port (default %(default)s)")
     up.add_argument("--redis-url", default=None, metavar="URL",
@@ -109,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="make a private CA and certificates (LOG_DIR/tls) and run every gRPC "
                     "service with TLS; clients need HETIS_TLS_CA (printed)")
     up.add_argument("--restart-workers", action="store_true",
-                    help="restart an attention worker that exits (it rejoins the mesh)")
+                    help="restart a worker (attention or dense) that exits; it rejoins the mesh")
     up.add_argument("--log-dir", default=None, metavar="DIR",
                     help="where NAME.log of each service goes (default: a new temp dir)")
     up.add_argument("--startup-timeout", type=float, default=300.0, metavar="SECONDS",
@@ -266,7 +269,7 @@ def print_status(st: dict, target: str) -> None:
               f"policy={st['policy'] or '?'}", title_justify="left")
     for col, just in [("id", "left"), ("kind", "left"), ("device", "left"), ("address", "left"),
                       ("alive", "center"), ("resident", "right"), ("KV used/total", "right"),
-                      ("load (ms/step)", "right")]:
+                      ("load (ms/step)", "right"), ("steps / batch", "right")]:
         t.add_column(col, justify=just)
     for w in st["workers"]:
         groups = sum(len(r["groups"]) for r in w["resident"])
@@ -275,7 +278,8 @@ def print_status(st: dict, target: str) -> None:
             f" ({100 * w['kv_used_tokens'] / total:.0f}%)" if total else "")
         t.add_row(w["id"], w["kind"], w["device"], w["address"],
                   "[green]yes[/]" if w["alive"] else "[red]NO[/]",
-                  f"{len(w['resident'])} req / {groups} grp", kv, f"{w['load'] * 1e3:.2f}")
+                  f"{len(w['resident'])} req / {groups} grp", kv, f"{w['load'] * 1e3:.2f}",
+                  f"{w['steps']} / {w['running']}+{w['waiting']}" if w["kind"] == "dense" else "")
     con = Console()
     if not con.is_terminal:  # piped: do not squeeze the table into 80 columns
         con = Console(width=200)

@@ -1,4 +1,4 @@
-"""`hetis up`: a local cluster (private Redis, attention workers, a dense worker,
+"""`hetis up`: a local cluster (private Redis, attention workers, dense workers,
 the router) as child processes of this one, stopped together.
 
 ``service_commands`` is the single place the service command lines are built;
@@ -27,10 +27,10 @@ STOP_GRACE = 10.0  # seconds between SIGTERM and SIGKILL (services drain for 5 s
 
 def service_commands(args, ports: dict[str, int] | None = None, host: str = LOCAL_HOST,
                      bind: str | None = None) -> list[tuple[str, list[str]]]:
-    """(name, argv) of every service, in start order: attn-0.., dense-0, router.
+    """(name, argv) of every service, in start order: attn-0.., dense-0.., router.
 
     ``args`` carries attn_workers, port (the router's), redis_url, model, dtype,
-    policy and threads (``hetis up``'s flags), and optionally dense_kv_tokens,
+    policy and threads (``hetis up``'s flags), and optionally dense_workers, dense_kv_tokens,
     attn_kv_tokens, host and http_port. Secrets (the API key) never go on a
     command line, where ``ps`` shows them: they travel in the environment. ``ports`` maps worker names to their ports (missing
     ones get free ports); ``host`` is how services reach each other (127.0.0.1
@@ -56,15 +56,19 @@ def service_commands(args, ports: dict[str, int] | None = None, host: str = LOCA
                             *redis_flag, "--worker-id", name,
                             "--advertise-host", host, "--threads", str(args.threads),
                             "--metrics-port", "0", *internal, *kv("attn_kv_tokens")]))
-    dense_port = ports.setdefault("dense-0", free_port())
-    cmds.append(("dense-0", [py, "-m", "services.dense_worker", "--port", str(dense_port),
-                             *redis_flag, "--worker-id", "dense-0", *model,
-                             "--dtype", args.dtype, "--advertise-host", host,
-                             "--threads", str(args.threads), "--metrics-port", "0", *internal,
-                             *kv("dense_kv_tokens")]))
+    dense = []
+    for i in range(max(1, getattr(args, "dense_workers", 1) or 1)):
+        name = f"dense-{i}"
+        port = ports.setdefault(name, free_port())
+        dense.append(f"{host}:{port}")
+        cmds.append((name, [py, "-m", "services.dense_worker", "--port", str(port),
+                            *redis_flag, "--worker-id", name, *model,
+                            "--dtype", args.dtype, "--advertise-host", host,
+                            "--threads", str(args.threads), "--metrics-port", "0", *internal,
+                            *kv("dense_kv_tokens")]))
     cmds.append(("router", [py, "-m", "services.router", "--port", str(args.port),
                             *redis_flag, *model,
-                            "--dense-worker", f"{host}:{dense_port}",
+                            "--dense-worker", ",".join(dense), "--dense-workers", str(len(dense)),
                             "--attn-workers", str(args.attn_workers),
                             "--policy", args.policy, "--metrics-port", "0",
                             *(["--host", args.host] if bind else []),
@@ -302,12 +306,15 @@ def run_up(args, out=print, err=lambda msg: print(msg, file=sys.stderr)) -> int:
         while True:
             died = cluster.watch()
             child = next(c for c in cluster.children if c.name == died.name)
-            if not died.name.startswith("attn-"):  # the router or the dense worker: the end
+            restart = getattr(args, "restart_workers", False)
+            others = [c for c in cluster.children if c is not child and c.name.startswith("dense-")]
+            if died.name == "router" or (died.name.startswith("dense-") and not others
+                                         and not restart):  # nothing left to serve: the end
                 err(f"hetis up: {died} -- last lines of {died.name}.log:\n{died.tail}")
                 return 1
             err(f"hetis up: {died}; the mesh goes on without it (the router recomputes its "
                 f"sequences elsewhere) -- last lines of {died.name}.log:\n{died.tail}")
-            if getattr(args, "restart_workers", False):
+            if restart:
                 cluster.restart(child)
                 out(f"restarted {died.name}; it rejoins the mesh once it is up")
             else:

@@ -10,6 +10,16 @@ blocks belong to whom) and lives with the scheduler, in the router for the
 mesh; ``KVStore`` (hetis/model/kv_store.py) is the storage (the tensors) and
 lives with the attention backend. The scheduler tells the store which blocks to
 use; the store never allocates.
+
+Fencing: with several serving instances (hetis/engine/instance.py) steps run
+while the engine's state changes (an abort, a lost device, another instance's
+step). A block freed then may still be written by a step in flight, so it
+must not be handed to anyone else before that step is over. The engine sets
+``fence`` to the id of the newest step started while any step is in flight;
+blocks freed under a fence wait in ``deferred`` until :meth:`release` is
+called with a ``safe`` id above it (no step at or before the fence is still
+running). With no step in flight (``hetis.LLM``) ``fence`` is None and a free
+is immediate.
 """
 from __future__ import annotations
 
@@ -29,6 +39,8 @@ class BlockManager:
         self.num_blocks, self.block_size = num_blocks, block_size
         self.free_blocks: list[int] = list(range(num_blocks - 1, -1, -1))  # pop() gives 0 first
         self.tables: dict[Key, list[int]] = {}
+        self.fence: int | None = None                  # see the module doc
+        self.deferred: list[tuple[int, list[int]]] = []  # (fence, blocks) freed under a fence
 
     @property
     def capacity_tokens(self) -> int:
@@ -65,7 +77,23 @@ class BlockManager:
         """Free ``groups`` of a sequence (all of its groups when None)."""
         keys = [k for k in self.tables if k[0] == seq_id and (groups is None or k[1] in groups)]
         for k in keys:
-            self.free_blocks.extend(reversed(self.tables.pop(k)))
+            blocks = self.tables.pop(k)
+            if self.fence is None:
+                self.free_blocks.extend(reversed(blocks))
+            else:
+                self.deferred.append((self.fence, blocks))
+
+    def release(self, safe: int | None) -> None:
+        """Free the deferred blocks whose fence is below ``safe`` (None: all of them)."""
+        if not self.deferred:
+            return
+        keep = []
+        for fence, blocks in self.deferred:
+            if safe is None or fence < safe:
+                self.free_blocks.extend(reversed(blocks))
+            else:
+                keep.append((fence, blocks))
+        self.deferred = keep
 
     def table(self, seq_id: int, group: int) -> list[int]:
         return self.tables[(seq_id, group)]

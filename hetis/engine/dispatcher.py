@@ -88,22 +88,30 @@ class Dispatcher:
         return [dev.time(t, g, self.row_bytes, self.L)
                 for dev, t, g in zip(self.devices, tokens, groups)]
 
-    def place(self, seq: Sequence) -> list[int] | None:
-        """The new sequence's placement (head group -> device), or None: not now."""
+    def place(self, seq: Sequence, allowed: set[int] | None = None,
+              local: int = 0) -> list[int] | None:
+        """The new sequence's placement (head group -> device), or None: not now.
+
+        With several serving instances, ``allowed`` is the devices the sequence's
+        instance reaches (its own and the attention workers it is connected to) and
+        ``local`` its own device; the load and reservations of every instance's
+        sequences count (``get_running`` returns them all)."""
         if self.pinned is not None:
             return list(self.pinned)
         tokens, groups, reserved = self.state(exclude=seq)
         need = cdiv(self.expected_len(seq), self.block_size)
         free = [d.capacity_blocks - r for d, r in zip(self.devices, reserved)]
         n = len(self.devices)
-        live = [i for i in range(n) if not self.devices[i].lost]
+        live = [i for i in range(n) if not self.devices[i].lost and (allowed is None or i in allowed)]
+        if not live:
+            return None
         placement = []
         for g in range(self.G):
             fits = [i for i in live if free[i] >= need]
             if not fits:
                 return None
             if self.policy == "local-only":
-                d = 0 if 0 in fits else None
+                d = local if local in fits else None
             elif self.policy == "round-robin":  # the next live device in turn
                 d = live[(self._rr + g) % len(live)]
                 d = d if d in fits else None

@@ -2,8 +2,16 @@
 
 One object, built one way (:func:`build_engine`) for every caller:
 ``hetis.LLM`` with an in-process executor and attention backends, the mesh
-router with a dense worker behind gRPC, the simulator with a cost model. The
+router with dense workers behind gRPC, the simulator with a cost model. The
 engine never learns which: it hands each ``Step`` to ``executor.execute``.
+
+It serves one or more instances (hetis/engine/instance.py): each has its own
+scheduler and executor; the devices and their block managers are shared.
+:meth:`Engine.step` runs every instance's step in turn (``hetis.LLM``); the
+serving loop runs them concurrently with :meth:`Engine.begin_step` and
+:meth:`Engine.end_step`, between which the engine's state may change (aborts,
+lost devices): blocks freed meanwhile are fenced (hetis/engine/block_manager.py)
+and a chunk whose sequence was finished or preempted meanwhile is dropped.
 """
 from __future__ import annotations
 
@@ -16,9 +24,11 @@ from hetis.engine.block_manager import BlockManager
 from hetis.engine.config import EngineConfig
 from hetis.engine.detokenize import TextStream
 from hetis.engine.dispatcher import Device, Dispatcher
+from hetis.engine.instance import Instance, Planned, pick_instance
 from hetis.engine.sampling import SamplingParams
 from hetis.engine.scheduler import Scheduler
-from hetis.engine.sequence import Sequence
+from hetis.engine.sequence import Sequence, Status
+from hetis.engine.snapshot import DeviceState, EngineSnapshot, InstanceState
 from hetis.engine.step import Step, StepChunk
 from hetis.model.config import ModelConfig
 from hetis.model.tokenizer import Tokenizer
@@ -48,40 +58,109 @@ class StepOutput:
                    completion_tokens=len(seq.output_token_ids))
 
 
-@dataclass
-class DeviceState:
-    """One device as the engine sees it (it owns placement and KV accounting)."""
-    used_tokens: int
-    total_tokens: int
-    load: float                         # predicted attention seconds per step
-    cost_per_token: float
-    resident: dict[str, list[int]]      # request id -> head groups held
-    lost: bool = False                  # dropped from dispatch (died or stopped answering)
-
-
-@dataclass
-class EngineSnapshot:
-    """A consistent copy of the engine's state, taken between steps."""
-    policy: str
-    waiting: int
-    running: int
-    devices: list[DeviceState]
-
-
 class Engine:
     def __init__(self, executor, tokenizer: Tokenizer, managers: list[BlockManager],
                  cfg: EngineConfig, dispatcher: Dispatcher,
                  eos_token_ids: tuple[int, ...] = (), vocab_size: int | None = None,
-                 detokenize: bool = True):
-        self.executor, self.tokenizer, self.cfg = executor, tokenizer, cfg
+                 detokenize: bool = True, name: str = "0"):
+        self.tokenizer, self.cfg = tokenizer, cfg
         self.detokenize = detokenize  # False: the caller detokenises (and checks stop strings)
         self.managers, self.dispatcher = managers, dispatcher
         self.vocab_size = vocab_size or tokenizer.vocab_size
-        self.scheduler = Scheduler(cfg, managers, dispatcher.place)
-        dispatcher.get_running = lambda: self.scheduler.running
+        self.instances: list[Instance] = []
+        dispatcher.get_running = lambda: [s for i in self.instances for s in i.scheduler.running]
         self.eos = set(eos_token_ids) | set(tokenizer.eos_token_ids)
         self.seqs: dict[str, Sequence] = {}
+        self.owner: dict[int, int] = {}           # seq_id -> instance index
         self._text: dict[int, TextStream] = {}
+        self._inflight: dict[int, int] = {}       # step id -> instance index
+        self._next_step = 0
+        self.add_instance(name, executor, local=0)  # instance 0 reaches every device
+
+    @property
+    def scheduler(self) -> Scheduler:
+        """The first instance's scheduler (the only one in ``hetis.LLM``)."""
+        return self.instances[0].scheduler
+
+    @property
+    def executor(self):
+        return self.instances[0].executor
+
+    # ------------------------------------------------------------ instances
+    def add_instance(self, name: str, executor, local: int, reach: set[int] | None = None,
+                     index: int | None = None) -> int:
+        """A serving instance joins (its own device ``local`` already in the device list;
+        ``reach``: the devices it may place on). ``index`` replaces a lost instance: its
+        orphaned sequences are adopted. Returns its index; call between steps."""
+        inst = Instance(name, executor, None, local, reach)  # type: ignore[arg-type]
+        inst.scheduler = Scheduler(self.cfg, self.managers,
+                                   lambda seq: self.dispatcher.place(seq, inst.reach, inst.local),
+                                   busy=self._busy)
+        if index is None:
+            self.instances.append(inst)
+            index = len(self.instances) - 1
+        else:
+            old, self.instances[index] = self.instances[index], inst
+            inst.scheduler.waiting.extend(old.scheduler.waiting)
+            inst.scheduler.freed.extend(old.scheduler.freed)
+            inst.scheduler.num_preemptions = old.scheduler.num_preemptions
+        self.rehome()
+        return index
+
+    def lose_instance(self, index: int) -> list[Sequence]:
+        """An instance's dense worker is gone: its device leaves dispatch and its sequences
+        are recomputed on the other instances (kept until one is alive). Returns them."""
+        inst = self.instances[index]
+        inst.lost = True
+        self.dispatcher.devices[inst.local].lost = True
+        moved = list(reversed(inst.scheduler.running))  # the earliest ends first in line
+        for seq in moved:
+            inst.scheduler.preempt(seq)
+        for seq in inst.scheduler.waiting:
+            seq.placement = None
+        moved += [s for s in inst.scheduler.waiting if s not in moved]
+        self.rehome()
+        return moved
+
+    def rehome(self) -> None:
+        """Move the sequences of lost instances to live ones (call between steps)."""
+        live = [i for i, inst in enumerate(self.instances) if not inst.lost]
+        if not live:
+            return
+        for inst in self.instances:
+            if not inst.lost or not (inst.scheduler.waiting or inst.scheduler.freed):
+                continue
+            # the freed ids still have to reach the attention workers: a live instance says it
+            self.instances[live[0]].scheduler.freed.extend(inst.scheduler.freed)
+            inst.scheduler.freed.clear()
+            while inst.scheduler.waiting:
+                seq = inst.scheduler.waiting.pop()  # from the back: the first stays first
+                to = self._pick(seq)
+                self.owner[seq.seq_id] = to
+                self.instances[to].scheduler.waiting.appendleft(seq)
+
+    def _busy(self) -> bool:
+        return any(i.scheduler.running for i in self.instances)
+
+    def _pick(self, seq: Sequence) -> int:
+        c = self.cfg
+        return pick_instance(self.instances, seq, self.managers, c.block_size, self.dispatcher.G,
+                             c.max_num_batched_tokens, c.max_num_seqs)
+
+    def _sched(self, seq: Sequence) -> Scheduler:
+        return self.instances[self.owner.get(seq.seq_id, 0)].scheduler
+
+    @property
+    def num_waiting(self) -> int:
+        return sum(len(i.scheduler.waiting) for i in self.instances)
+
+    @property
+    def num_running(self) -> int:
+        return sum(len(i.scheduler.running) for i in self.instances)
+
+    @property
+    def num_preemptions(self) -> int:
+        return sum(i.scheduler.num_preemptions for i in self.instances)
 
     # ------------------------------------------------------------ requests
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
@@ -99,10 +178,12 @@ class Engine:
                              f"max_model_len={self.cfg.max_model_len}")
         seq = Sequence(request_id, list(prompt_token_ids), params, prompt=prompt,
                        arrival=time.monotonic())
+        to = self._pick(seq)  # NoInstance when none is alive
         self.seqs[request_id] = seq
+        self.owner[seq.seq_id] = to
         if self.detokenize:
             self._text[seq.seq_id] = TextStream(self.tokenizer, seq.prompt_token_ids, params)
-        self.scheduler.add(seq)
+        self.instances[to].scheduler.add(seq)
         return seq
 
     def abort(self, request_id: str) -> bool:
@@ -111,50 +192,94 @@ class Engine:
         if seq is None:
             return False
         if not seq.finished:
-            self.scheduler.finish(seq, "abort")
+            self._sched(seq).finish(seq, "abort")
         self._text.pop(seq.seq_id, None)
+        self.owner.pop(seq.seq_id, None)
         return True
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return any(i.scheduler.has_unfinished() for i in self.instances)
 
     def release(self, seq: Sequence) -> None:
         """Forget a finished sequence (the caller has taken its output)."""
         self.seqs.pop(seq.request_id, None)
         self._text.pop(seq.seq_id, None)
+        self.owner.pop(seq.seq_id, None)
 
     # ------------------------------------------------------------ the step
     def step(self) -> list[StepOutput]:
-        chunks = self.scheduler.schedule()
-        # sequences the scheduler gave up on (they can never fit) surface as finished
-        outs = [StepOutput.of(s, [], "") for s in self.scheduler.rejected]
-        self.scheduler.rejected.clear()
-        if not chunks:
-            return outs
-        step = Step([StepChunk(c.seq.seq_id, c.start, c.seq.tokens(c.start, c.start + c.num_new),
-                               c.sample, c.seq.params) for c in chunks],
-                    self.scheduler.items(chunks), self.take_freed())
-        toks = self.executor.execute(step)
-        sampled = [c for c in chunks if c.sample]
-        for c in chunks:
-            c.seq.num_computed = c.start + c.num_new
-        now = time.monotonic()
-        for c, tok in zip(sampled, toks):
-            seq = c.seq
-            if seq.first_token_time is None:
-                seq.first_token_time = now
-            outs.append(self._append(seq, tok))
+        """Every live instance's step, one after the other (in-process use)."""
+        outs: list[StepOutput] = []
+        for i, inst in enumerate(self.instances):
+            if inst.lost:
+                continue
+            planned, rejected = self.begin_step(i)
+            outs += rejected
+            if planned is None:
+                continue
+            try:
+                toks = inst.executor.execute(planned.step)
+            except BaseException:
+                self.end_step(planned, None)
+                raise
+            outs += self.end_step(planned, toks)
         return outs
 
-    def take_freed(self) -> list[int]:
-        """Sequence ids whose KV was freed since the last call (workers drop them)."""
-        freed, self.scheduler.freed = self.scheduler.freed, []
-        return freed
+    def begin_step(self, index: int) -> tuple[Planned | None, list[StepOutput]]:
+        """Schedule instance ``index``'s next step: (the step to execute, or None when it
+        has nothing to do; outputs of sequences refused as never fitting). A step with no
+        chunks only carries freed sequence ids. Close it with :meth:`end_step`."""
+        inst = self.instances[index]
+        chunks = inst.scheduler.schedule()
+        # sequences the scheduler gave up on (they can never fit) surface as finished
+        outs = [StepOutput.of(s, [], "") for s in inst.scheduler.rejected]
+        inst.scheduler.rejected.clear()
+        freed, inst.scheduler.freed = inst.scheduler.freed, []
+        if not chunks and not freed:
+            return None, outs
+        step = Step([StepChunk(c.seq.seq_id, c.start, c.seq.tokens(c.start, c.start + c.num_new),
+                               c.sample, c.seq.params) for c in chunks],
+                    inst.scheduler.items(chunks), freed)
+        planned = Planned(index, self._next_step, step, chunks,
+                          [c.seq.num_preemptions for c in chunks], time.monotonic())
+        self._next_step += 1
+        self._inflight[planned.step_id] = index
+        self._fence()
+        return planned, outs
 
-    def flush_freed(self) -> None:
-        """Tell the executor what was freed when there is no step to carry it (idle)."""
-        if self.scheduler.freed:
-            self.executor.execute(Step([], [[] for _ in self.managers], self.take_freed()))
+    def end_step(self, planned: Planned, tokens: list[int] | None) -> list[StepOutput]:
+        """Close a step: ``tokens`` as ``execute`` returned them, or None when it failed
+        (its chunks are computed again by a later step)."""
+        del self._inflight[planned.step_id]
+        self._fence()
+        inst = self.instances[planned.instance]
+        if tokens is None:
+            return []
+        if planned.chunks:
+            inst.observe(time.monotonic() - planned.started)
+        outs = []
+        now = time.monotonic()
+        toks = iter(tokens)
+        for c, n in zip(planned.chunks, planned.preemptions):
+            tok = next(toks) if c.sample else None
+            seq = c.seq
+            # finished, aborted, preempted or moved while the step ran: its result is void
+            if seq.status is not Status.RUNNING or seq.num_preemptions != n:
+                continue
+            seq.num_computed = c.start + c.num_new
+            if tok is not None:
+                if seq.first_token_time is None:
+                    seq.first_token_time = now
+                outs.append(self._append(seq, tok))
+        return outs
+
+    def _fence(self) -> None:
+        """Blocks freed while steps are in flight wait for them (block_manager.py)."""
+        safe = min(self._inflight) if self._inflight else None
+        fence = max(self._inflight) if self._inflight else None
+        for m in self.managers:
+            m.release(safe)
+            m.fence = fence
 
     def lose_devices(self, devices: list[int]) -> list[Sequence]:
         """Drop devices from dispatch; every sequence with a head group there is recomputed
@@ -163,13 +288,14 @@ class Engine:
             self.dispatcher.devices[b].lost = True
         gone = set(devices)
         moved = []
-        for seq in reversed(list(self.scheduler.running)):  # the earliest ends first in line
-            if seq.placement and gone & set(seq.placement):
-                self.scheduler.preempt(seq)
-                moved.append(seq)
-        for seq in self.scheduler.waiting:  # placed but not yet admitted
-            if seq.placement and gone & set(seq.placement):
-                seq.placement = None
+        for inst in self.instances:
+            for seq in reversed(list(inst.scheduler.running)):  # the earliest ends first in line
+                if seq.placement and gone & set(seq.placement):
+                    inst.scheduler.preempt(seq)
+                    moved.append(seq)
+            for seq in inst.scheduler.waiting:  # placed but not yet admitted
+                if seq.placement and gone & set(seq.placement):
+                    seq.placement = None
         for b in devices:  # whatever is left there is gone with the device
             for sid in list(self.managers[b].resident()):
                 self.managers[b].free(sid)
@@ -187,19 +313,6 @@ class Engine:
         self.managers[index] = manager
         return index
 
-    def reset_devices(self, devices: list[Device]) -> list[Sequence]:
-        """Start over on a new set of devices (the dense worker restarted: every KV cache is
-        gone). Every running sequence is recomputed; returns those. Call between steps."""
-        moved = list(reversed(self.scheduler.running))  # the earliest ends first in line
-        for seq in moved:
-            self.scheduler.preempt(seq)
-        for seq in self.scheduler.waiting:
-            seq.placement = None
-        self.scheduler.freed.clear()  # the new workers never held them
-        self.dispatcher.devices[:] = devices
-        self.managers[:] = [BlockManager(d.capacity_blocks, self.cfg.block_size) for d in devices]
-        return moved
-
     def snapshot(self) -> EngineSnapshot:
         """Placement, KV and load per device; call it on the thread that steps the engine."""
         rid = {s.seq_id: s.request_id for s in self.seqs.values()}
@@ -210,8 +323,9 @@ class Engine:
                                {rid.get(s, str(s)): gs for s, gs in sorted(m.resident().items())},
                                dev.lost)
                    for m, dev, load in zip(self.managers, d.devices, loads)]
-        return EngineSnapshot(d.policy, len(self.scheduler.waiting), len(self.scheduler.running),
-                              devices)
+        instances = [InstanceState(i.name, len(i.scheduler.running), len(i.scheduler.waiting),
+                                   i.steps, i.lost) for i in self.instances]
+        return EngineSnapshot(d.policy, self.num_waiting, self.num_running, devices, instances)
 
     def _append(self, seq: Sequence, tok: int) -> StepOutput:
         seq.output_token_ids.append(tok)
@@ -226,7 +340,7 @@ class Engine:
               or seq.num_tokens >= self.cfg.max_model_len):
             reason = "length"
         if reason is not None:
-            self.scheduler.finish(seq, reason)
+            self._sched(seq).finish(seq, reason)
         delta = ""
         if text is not None:
             delta = text.delta(final=reason is not None)

@@ -39,8 +39,13 @@ def groups_on(placement: list[int], backend: int) -> list[int]:
 
 class Scheduler:
     def __init__(self, cfg: EngineConfig, managers: list[BlockManager],
-                 place: Callable[[Sequence], list[int] | None]):
+                 place: Callable[[Sequence], list[int] | None],
+                 busy: Callable[[], bool] | None = None):
         self.cfg, self.managers, self.place = cfg, managers, place
+        # whether anything runs that will free memory (with several instances sharing
+        # devices, theirs count too): a waiting sequence that fits nowhere while nothing
+        # runs can never fit, and is refused
+        self.busy = busy or (lambda: bool(self.running))
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -122,7 +127,7 @@ class Scheduler:
             if seq.placement is None:
                 seq.placement = self.place(seq)
                 if seq.placement is None:
-                    if not self.running:  # nothing will ever free room for it
+                    if not self.busy():  # nothing will ever free room for it
                         self.waiting.popleft()
                         self.finish(seq, "length")
                         self.rejected.append(seq)
@@ -130,7 +135,7 @@ class Scheduler:
                     break
             n = min(seq.num_tokens - seq.num_computed, budget)
             if not self._can_alloc(seq, n):
-                if not self.running:
+                if not self.busy():
                     # nothing will ever free memory for it: it cannot run here
                     self.waiting.popleft()
                     self.finish(seq, "length")

@@ -10,6 +10,16 @@ event loop. Nothing here blocks the caller: :meth:`ServingLoop.add` returns a
 future that resolves when the request has been admitted between two steps.
 Whoever needs to read engine state (cluster status) asks the loop thread with
 :meth:`ServingLoop.call`, which runs a function between two steps.
+
+With several serving instances (dense workers) their steps run concurrently:
+the loop thread schedules an instance's step (``Engine.begin_step``) whenever
+that instance is idle and hands it to the instance's own executor thread; a
+finished step comes back through a queue and is closed on the loop thread
+(``Engine.end_step``). So engine state is still touched by the loop thread
+only, and a slow instance never holds back a fast one. A failed step is
+handled for its instance alone: a lost attention worker (``DevicesLost``) or
+a lost dense worker (``InstanceLost``) recomputes what lived there elsewhere;
+any other failure fails that instance's requests.
 """
 from __future__ import annotations
 
@@ -17,15 +27,16 @@ import logging
 import queue
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from hetis.engine.engine import Engine
+from hetis.engine.engine import Engine, StepOutput
+from hetis.engine.instance import Planned
 from hetis.engine.sampling import SamplingParams
-from hetis.engine.step import DevicesLost, StepFailed
+from hetis.engine.step import DevicesLost, InstanceLost, StepFailed
 
 log = logging.getLogger("hetis.serving")
 
@@ -77,6 +88,9 @@ class ServingLoop:
         self.lock = threading.Lock()
         self._preemptions = 0
         self.pending_adds = 0
+        self.inflight: dict[int, Planned] = {}       # instance index -> its step in flight
+        self.finished: queue.Queue = queue.Queue()   # (Planned, Future) of steps done
+        self.pools: dict[int, ThreadPoolExecutor] = {}  # id(executor) -> its step thread
 
     def start(self) -> "ServingLoop":
         self.thread.start()
@@ -86,6 +100,8 @@ class ServingLoop:
         self.stopped.set()
         self.wake.set()
         self.thread.join(timeout=10)
+        for pool in self.pools.values():
+            pool.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------ called by handlers
     def add(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
@@ -97,7 +113,7 @@ class ServingLoop:
             raise RuntimeError(self.error)
         cmd = _Add(request_id, prompt_ids, params, prompt, sink)
         with self.lock:
-            if len(self.engine.scheduler.waiting) + self.pending_adds >= self.max_queue:
+            if self.engine.num_waiting + self.pending_adds >= self.max_queue:
                 raise QueueFull(f"queue is full ({self.max_queue} waiting requests); retry later")
             self.pending_adds += 1
             self.commands.put(cmd)
@@ -177,51 +193,91 @@ class ServingLoop:
                 self._drain()
             except Exception:  # noqa: BLE001 - one bad command must not stop the loop
                 log.exception("a serving-loop command failed")
+            self._collect()
             self._gauges()  # also after aborts, which change the batch without a step
-            if not eng.has_unfinished():
-                self._step_safely(eng.flush_freed)  # tell the workers what was freed, then idle
-                self.wake.wait(0.5)
-                self.wake.clear()
+            self._start_steps()
+            if self.inflight:
+                self.wake.wait(1.0)  # a step's end, or a command, wakes us
+            else:
+                self.wake.wait(0.005 if eng.has_unfinished() else 0.5)
+            self.wake.clear()
+
+    def _start_steps(self) -> None:
+        """Give every idle live instance its next step."""
+        eng = self.engine
+        for i, inst in enumerate(eng.instances):
+            if inst.lost or i in self.inflight:
                 continue
-            outs = self._step_safely(eng.step)
-            if outs is None:
+            planned, rejected = eng.begin_step(i)
+            self._emit(rejected)
+            if planned is None:
                 continue
-            self._gauges()
-            n = eng.scheduler.num_preemptions
-            PREEMPTIONS.inc(n - self._preemptions)
+            self.inflight[i] = planned
+            pool = self.pools.get(id(inst.executor))
+            if pool is None:
+                pool = self.pools[id(inst.executor)] = ThreadPoolExecutor(
+                    1, thread_name_prefix=f"step-{inst.name}")
+            fut = pool.submit(inst.executor.execute, planned.step)
+            fut.add_done_callback(lambda f, p=planned: (self.finished.put((p, f)), self.wake.set()))
+
+    def _collect(self) -> None:
+        """Close the steps that are done (on this thread: the only one touching the engine)."""
+        while True:
+            try:
+                planned, fut = self.finished.get_nowait()
+            except queue.Empty:
+                return
+            self.inflight.pop(planned.instance, None)
+            err = fut.exception()
+            if err is None:
+                self._emit(self.engine.end_step(planned, fut.result()))
+            else:
+                self.engine.end_step(planned, None)
+                self._failed(planned.instance, err)
+            n = self.engine.num_preemptions
+            PREEMPTIONS.inc(max(0, n - self._preemptions))
             self._preemptions = n
-            for o in outs:
-                sink = self.outputs.get(o.seq.request_id)
-                GEN_TOKENS.inc(len(o.new_token_ids))
-                if sink is not None:
-                    sink(o)
-                if o.finished:
-                    self.outputs.pop(o.seq.request_id, None)
-                    eng.release(o.seq)
-                    SUCCESS.labels(o.seq.finish_reason).inc()
-                    E2E.observe(time.monotonic() - o.seq.arrival)
-                if o.new_token_ids and len(o.seq.output_token_ids) == 1:
-                    TTFT.observe(o.seq.first_token_time - o.seq.arrival)
+
+    def _emit(self, outs: list[StepOutput]) -> None:
+        eng = self.engine
+        for o in outs:
+            sink = self.outputs.get(o.seq.request_id)
+            GEN_TOKENS.inc(len(o.new_token_ids))
+            if sink is not None:
+                sink(o)
+            if o.finished:
+                self.outputs.pop(o.seq.request_id, None)
+                eng.release(o.seq)
+                SUCCESS.labels(o.seq.finish_reason).inc()
+                E2E.observe(time.monotonic() - o.seq.arrival)
+            if o.new_token_ids and len(o.seq.output_token_ids) == 1:
+                TTFT.observe(o.seq.first_token_time - o.seq.arrival)
 
     def _gauges(self) -> None:
-        RUNNING.set(len(self.engine.scheduler.running))
-        WAITING.set(len(self.engine.scheduler.waiting))
+        RUNNING.set(self.engine.num_running)
+        WAITING.set(self.engine.num_waiting)
 
-    def _step_safely(self, fn):
-        try:
-            return fn()
-        except DevicesLost as e:  # recover: recompute what lived there, fail nothing
-            moved = self.engine.lose_devices(e.devices)
+    def _failed(self, index: int, e: BaseException) -> None:
+        eng = self.engine
+        if isinstance(e, DevicesLost):  # recover: recompute what lived there, fail nothing
+            moved = eng.lose_devices(e.devices)
             RECOVERED.inc(len(moved))
             log.warning("%s; devices %s dropped, %d sequences recomputed elsewhere", e, e.devices,
                         len(moved))
-            return None
-        except Exception as e:  # noqa: BLE001 - the loop must outlive any step
-            # the step failed (the executor said so, or a bug): fail the requests in flight,
-            # keep serving the next ones
-            msg = str(e) if isinstance(e, StepFailed) else f"step failed: {type(e).__name__}: {e}"
-            log.error(msg, exc_info=not isinstance(e, StepFailed))
-            for rid in list(self.outputs):
-                self.outputs.pop(rid)(RuntimeError(msg))
-                self.engine.abort(rid)
-            return None
+            return
+        if isinstance(e, InstanceLost):
+            moved = eng.lose_instance(index)
+            RECOVERED.inc(len(moved))
+            log.warning("%s; instance %s dropped, %d sequences recomputed on the others", e,
+                        eng.instances[index].name, len(moved))
+            return
+        # the step failed (the executor said so, or a bug): fail this instance's requests,
+        # keep serving the next ones
+        msg = str(e) if isinstance(e, StepFailed) else f"step failed: {type(e).__name__}: {e}"
+        log.error(msg, exc_info=None if isinstance(e, StepFailed) else e)
+        for rid, seq in list(eng.seqs.items()):
+            if eng.owner.get(seq.seq_id, 0) == index:
+                sink = self.outputs.pop(rid, None)
+                if sink is not None:
+                    sink(RuntimeError(msg))
+                eng.abort(rid)

@@ -76,3 +76,11 @@ class DevicesLost(StepFailed):
     def __init__(self, devices: list[int], message: str):
         self.devices = list(devices)
         super().__init__(message)
+
+
+class InstanceLost(StepFailed):
+    """The step failed because the instance's dense worker is gone (it does not answer).
+
+    The engine drops the instance (``Engine.lose_instance``) and recomputes its
+    sequences on the other instances; no request fails.
+    """

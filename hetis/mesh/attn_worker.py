@@ -1,13 +1,18 @@
-"""The attention worker's runtime: a KV cache and the tensor loop, no weights.
+"""The attention worker's runtime: a KV cache and the tensor loops, no weights.
 
 It registers in Redis and waits. A dense worker's ``Join`` tells it the
-model's attention shape and where to rendezvous; it then allocates its KV
-store, profiles its attention cost (the dispatcher's starting model), opens
-its tensor channel to that dense worker and serves steps on a thread
-(:class:`~hetis.mesh.tensor_path.AttentionLoop`) until the channel stops. The
-channel waits for the next step as long as it must (an idle mesh is fine);
-when the dense worker goes away the channel closes and the worker accepts the
-next ``Join`` (a restarted dense worker).
+model's attention shape and where to rendezvous; on the first one it
+allocates its KV store and profiles its attention cost (the dispatcher's
+starting model). Every ``Join`` opens a tensor channel to that dense worker and
+serves its steps on a thread of its own
+(:class:`~hetis.mesh.tensor_path.AttentionLoop`) until the channel stops.
+Several dense workers (serving instances) share one attention worker this
+way: their loops write one KV store, whose blocks the router hands out under
+one accounting, so no two loops ever touch the same block. A channel waits
+for the next step as long as it must (an idle mesh is fine); when its dense
+worker goes away the channel closes and its thread ends, and a restarted
+dense worker simply joins again. A ``Join`` whose shape differs from the
+store's (another model) is refused.
 """
 from __future__ import annotations
 
@@ -18,7 +23,7 @@ import time
 from prometheus_client import Gauge
 
 from hetis.mesh import wire
-from hetis.mesh.discovery import Registration
+from hetis.mesh.discovery import Registration, Residency
 from hetis.mesh.flags import WorkerConfig, describe_device
 from hetis.mesh.tensor_path import ATTN, AttentionLoop, connect_store, open_channel
 from hetis.model.attention import AttentionBackend, profile_attention
@@ -32,7 +37,7 @@ ATTN_STEPS = Gauge("hetis:attn_steps", "decode/prefill steps served", ["worker"]
 
 
 class InAnotherGroup(RuntimeError):
-    """Join for a tensor group other than the one this worker serves."""
+    """Join for a model whose attention shape differs from the one this worker's store holds."""
 
 
 class AttentionWorker:
@@ -40,12 +45,17 @@ class AttentionWorker:
         self.cfg = cfg
         self.wid = cfg.worker_id or ""
         self.device = cfg.device
-        self.loop: AttentionLoop | None = None
-        self.thread: threading.Thread | None = None
-        self.group_id = ""
+        self.loops: dict[str, tuple[AttentionLoop, threading.Thread, object]] = {}  # by group id
+        self.shape: wire.AttentionShape | None = None
+        self.kv = None             # the KV store every loop writes (first Join allocates it)
+        self.cost = (0.0, 0.0)     # profiled at the first Join
+        self.residency: Residency | None = None
         self.lock = threading.Lock()
         self.registration: Registration | None = None
-        self.store = None  # the dense worker's rendezvous store, while a channel is open
+
+    @property
+    def live_loops(self) -> list[AttentionLoop]:
+        return [lp for lp, th, _ in list(self.loops.values()) if th.is_alive()]
 
     def register(self, port: int) -> None:
         address = f"{self.cfg.advertised}:{port}"
@@ -56,46 +66,65 @@ class AttentionWorker:
                                          telemetry=self.telemetry).start()
 
     def join(self, shape: wire.AttentionShape, rv: wire.Rendezvous) -> None:
-        """Join a dense worker's tensor group (the same group again is a no-op)."""
+        """Join a dense worker's tensor channel (the same channel again is a no-op)."""
         with self.lock:
-            if self.thread is not None and self.thread.is_alive():
-                if rv.group_id == self.group_id:
-                    return
-                raise InAnotherGroup(f"already in tensor group {self.group_id!r}; restart this "
-                                     "worker to join another")
-            num_blocks = max(1, self.cfg.kv_tokens // shape.block_size)
-            backend = AttentionBackend(shape.num_layers, num_blocks, shape.block_size, shape.head_dim,
-                                       shape.q_per_group, DTYPES[shape.dtype], self.device)
-            cost = profile_attention(backend)
-            self.store = connect_store(rv.master_addr, rv.master_port, timeout=120)
-            channel = open_channel(rv.backend, self.store, rv.group_id, ATTN, IDLE_TIMEOUT)
+            old = self.loops.get(rv.group_id)
+            if old is not None and old[1].is_alive():
+                return
+            if self.shape is not None and shape != self.shape:
+                raise InAnotherGroup(f"this worker's KV cache holds {self.shape}; a dense worker "
+                                     f"asked for {shape}: restart this worker to serve another model")
+            if self.kv is None:
+                num_blocks = max(1, self.cfg.kv_tokens // shape.block_size)
+                first = AttentionBackend(shape.num_layers, num_blocks, shape.block_size,
+                                         shape.head_dim, shape.q_per_group, DTYPES[shape.dtype],
+                                         self.device)
+                self.cost = profile_attention(first)  # before anything lives in the cache
+                self.kv, self.shape = first.store, shape
+                self.residency = Residency(shape.block_size)
+            backend = AttentionBackend(shape.num_layers, 0, shape.block_size, shape.head_dim,
+                                       shape.q_per_group, DTYPES[shape.dtype], self.device,
+                                       store=self.kv)
+            store = connect_store(rv.master_addr, rv.master_port, timeout=120)
+            channel = open_channel(rv.backend, store, rv.group_id, ATTN, IDLE_TIMEOUT)
             comm = "cuda" if rv.backend == "nccl" else "cpu"
-            self.loop = AttentionLoop(backend, channel, shape.num_layers, cost, comm_device=comm)
-            self.group_id = rv.group_id
-            self.thread = threading.Thread(target=self._run, name="attention-loop", daemon=True)
-            self.thread.start()
-            log.info("joined tensor channel %s of %s:%d (%s); cost %.3g s/token, %.3g s/group",
-                     rv.group_id, rv.master_addr, rv.master_port, rv.backend, *cost)
+            loop = AttentionLoop(backend, channel, shape.num_layers, self.cost, comm_device=comm,
+                                 residency=self.residency)
+            thread = threading.Thread(target=self._run, args=(loop, rv.group_id), daemon=True,
+                                      name=f"attention-{rv.group_id}")
+            # ended channels are forgotten; the store client lives as long as its channel
+            self.loops = {g: v for g, v in self.loops.items() if v[1].is_alive()}
+            self.loops[rv.group_id] = (loop, thread, store)
+            thread.start()
+            log.info("joined tensor channel %s of %s:%d (%s); %d channels; cost %.3g s/token, "
+                     "%.3g s/group", rv.group_id, rv.master_addr, rv.master_port, rv.backend,
+                     len(self.loops), *self.cost)
 
-    def _run(self) -> None:
+    def _run(self, loop: AttentionLoop, group_id: str) -> None:
         try:
-            self.loop.run()
-            log.info("tensor group %s stopped", self.group_id)
-        except Exception:  # noqa: BLE001 - the dense worker went away: the group is gone
-            log.exception("tensor loop ended")
+            loop.run()
+            log.info("tensor channel %s stopped", group_id)
+        except Exception:  # noqa: BLE001 - the dense worker went away: the channel is gone
+            log.exception("tensor channel %s ended", group_id)
 
     def telemetry(self) -> dict:
-        if self.loop is None:
+        loops = self.live_loops
+        if self.residency is None:
             return {"kv_used_tokens": 0, "resident": {}, "steps": 0}
-        t = self.loop.telemetry()
+        steps = sum(lp.steps for lp, _, _ in list(self.loops.values()))
+        learned = [lp.cost_per_token for lp in loops if lp.steps] or [self.cost[0]]
+        t = {"kv_used_tokens": self.residency.used_tokens,
+             "resident": {str(s): g for s, g in self.residency.groups().items()},
+             "cost_per_token": sum(learned) / len(learned), "cost_per_group": self.cost[1],
+             "steps": steps}
         KV_USED.labels(self.wid).set(t["kv_used_tokens"])
-        ATTN_STEPS.labels(self.wid).set(t["steps"])
+        ATTN_STEPS.labels(self.wid).set(steps)
         return t
 
     def stats(self):
-        res = self.loop.residency.groups() if self.loop else {}
+        res = self.residency.groups() if self.residency else {}
         return wire.attn_stats_to_proto(self.wid, describe_device(self.device), self.cfg.kv_tokens,
-                                        self.loop is not None, self.telemetry(), res)
+                                        bool(self.live_loops), self.telemetry(), res)
 
     def join_response(self):
         return wire.join_response_to_proto(self.wid, self.cfg.kv_tokens, describe_device(self.device))
@@ -105,14 +134,14 @@ class AttentionWorker:
         the router has moved every sequence we hold elsewhere, then leave."""
         if self.registration is None:
             return
-        if self.loop is not None and self.thread is not None and self.thread.is_alive():
+        if self.live_loops:
             self.registration.set_draining()
             deadline = time.monotonic() + drain_timeout
             # wait while something still lives here and steps still come (no router, no wait)
-            while (self.loop.residency.blocks and time.monotonic() < deadline
-                   and time.monotonic() - self.loop.last_seen < 3.0):
+            while (self.residency.blocks and time.monotonic() < deadline
+                   and any(time.monotonic() - lp.last_seen < 3.0 for lp in self.live_loops)):
                 time.sleep(0.1)
-            left = len(self.loop.residency.blocks)
+            left = len(self.residency.blocks)
             log.info("drained: %s", f"{left} sequences still here after {drain_timeout:.0f} s"
                      if left else "nothing left here")
         self.registration.stop()

@@ -91,6 +91,7 @@ class DenseWorker:
         self.registration: Registration | None = None
         self.store: dist.TCPStore | None = None
         self.lost_channels: list[RemoteAttention] = []
+        self.incarnation = uuid.uuid4().hex  # a restarted worker answers Info with another
 
     def register(self, port: int) -> None:
         """Announce this worker in Redis (heartbeats and telemetry follow in the background)."""
@@ -105,9 +106,10 @@ class DenseWorker:
         c = self.cfg
         return wire.dense_info_to_proto(self.wid, c.model or DEFAULT_MODEL_NAME, c.dtype,
                                         describe_device(c.device), self.model_cfg, c.block_size,
-                                        c.kv_tokens, self.peers, ",".join(sorted(self.dist_backends)))
+                                        c.kv_tokens, self.peers, ",".join(sorted(self.dist_backends)),
+                                        self.incarnation)
 
-    def connect(self, addrs: tuple[str, ...]) -> worker_pb2.DenseInfo:
+    def connect(self, addrs: tuple[str, ...], renew: tuple[str, ...] = ()) -> worker_pb2.DenseInfo:
         """Open a channel to each attention worker in ``addrs`` that has no live one.
 
         Additive, so the router can call it whenever a worker appears: a worker with a
@@ -115,9 +117,13 @@ class DenseWorker:
         address takes its old index back, a new one takes a lost worker's index (so
         replaced workers do not grow the list) or the next. Joining happens
         outside the step lock (steps go on); only the swap-in takes it. Raises
-        ConnectFailed when none of the new workers could be joined.
+        ConnectFailed when none of the new workers could be joined. ``renew``: addresses
+        whose live channel is dropped first (told to stop if it still can) and joined anew:
+        the router lost that worker through another dense worker's channel.
         """
         with self.connect_lock:
+            for addr in set(renew) & set(addrs):
+                self._drop(addr)
             live = {p.address for p in self.peers if not p.lost}
             todo = [a for a in dict.fromkeys(addrs) if a not in live]
             errors = []
@@ -145,6 +151,20 @@ class DenseWorker:
             if todo and len(errors) == len(todo):
                 raise ConnectFailed("; ".join(errors))
             return self.info()
+
+    def _drop(self, addr: str) -> None:
+        with self.step_lock:
+            for i, p in enumerate(self.peers):
+                if p.address == addr and not p.lost:
+                    be = self.executor.backends[i + 1]
+                    try:
+                        be.stop()  # its loop on the worker ends, if the worker is there
+                    except Exception:  # noqa: BLE001 - the channel may be dead: that is why
+                        pass
+                    self.lost_channels.append(be)
+                    self.executor.backends[i + 1] = LostBackend(p.id)
+                    p.lost = True
+                    log.info("channel to attention worker %s at %s dropped, to be renewed", p.id, addr)
 
     def _join(self, addr: str) -> tuple[RemoteAttention, wire.Peer]:
         """Ask the worker at ``addr`` to join a new channel; open it and measure the link."""

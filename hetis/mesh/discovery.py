@@ -160,21 +160,27 @@ def read_workers(r: redis.Redis) -> list[dict]:
 
 
 class Residency:
-    """What a device holds, as seen from the layouts it executes (for telemetry)."""
+    """What a device holds, as seen from the layouts it executes (for telemetry).
+
+    Thread-safe: an attention worker's channels (one per dense worker) share one."""
 
     def __init__(self, block_size: int):
         self.block_size = block_size
         self.blocks: dict[int, dict[int, int]] = {}  # seq_id -> group -> blocks
+        self._lock = threading.Lock()
 
     def update(self, items: list[AttnItem], freed=()) -> None:
-        for s in freed:
-            self.blocks.pop(s, None)
-        for it in items:
-            self.blocks.setdefault(it.seq_id, {})[it.group] = len(it.blocks)
+        with self._lock:
+            for s in freed:
+                self.blocks.pop(s, None)
+            for it in items:
+                self.blocks.setdefault(it.seq_id, {})[it.group] = len(it.blocks)
 
     @property
     def used_tokens(self) -> int:
-        return sum(n for gs in self.blocks.values() for n in gs.values()) * self.block_size
+        with self._lock:
+            return sum(n for gs in self.blocks.values() for n in gs.values()) * self.block_size
 
     def groups(self) -> dict[int, list[int]]:
-        return {s: sorted(gs) for s, gs in self.blocks.items()}
+        with self._lock:
+            return {s: sorted(gs) for s, gs in self.blocks.items()}

@@ -133,7 +133,8 @@ class DenseWorkerConfig(WorkerConfig):
 
 @dataclass
 class RouterConfig:
-    dense_worker: str
+    dense_worker: str = ""             # host:port[,host:port...]; more come from Redis
+    dense_workers: int = 1             # how many dense workers to wait for before serving
     port: int = defaults.ROUTER_PORT
     host: str = "0.0.0.0"
     redis_url: str = field(default_factory=defaults.default_redis_url)

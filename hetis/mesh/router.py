@@ -1,31 +1,30 @@
-"""The router's runtime: the engine over a dense worker, stepped by the serving loop.
+"""The router's runtime: one engine over every dense worker, stepped by the serving loop.
 
-Start-up (:meth:`Router.start`): wait for the dense worker's ``Info``, wait for
-``attn_workers`` live attention workers in Redis, ask the dense worker to
-``Connect`` them into one tensor group, then build the engine with
-``build_engine`` over the devices the dense worker reports (its own and each
-attention worker, with measured link latency and bandwidth). The engine's
-executor is a :class:`RemoteExecutor`: each ``Step`` becomes one ``Step`` gRPC
-call. A background thread (:meth:`Router._watch`) reads Redis every second: it
-copies the workers' measured attention costs into the dispatcher's device
-models (online refinement), and it has the dense worker ``Connect`` any live
-attention worker that is not in dispatch (one started later, or a lost one
-that came back), then adds it to the engine (``Engine.add_device``) between
-two steps. ``--attn-workers N`` is how many to wait for before serving.
+Dense workers are serving instances (hetis/engine/instance.py): each runs its
+own batch; all share the attention workers. The router finds them through
+``--dense-worker`` addresses and Redis (kind ``dense``) and serves once
+``--dense-workers N`` answer and ``--attn-workers N`` attention workers are
+live. Each dense worker is asked to ``Connect`` the attention workers (one
+tensor channel per pair) and becomes an instance whose executor is a
+:class:`~hetis.mesh.fleet.RemoteExecutor` (one ``Step`` gRPC call per step);
+hetis/mesh/fleet.py maps its backends onto the engine's devices.
 
-The same thread asks the dense worker for its ``Info``: while it does not
-answer the router is not ready (health NOT_SERVING; steps fail fast with
-UNAVAILABLE). When it answers with fewer peers than the router knows, it has
-restarted with empty caches: the router starts over on its devices
-(``Engine.reset_devices``: running sequences are recomputed, nothing already
-streamed is repeated) and connects the attention workers to it again.
+A background thread (:meth:`Router._watch`) reads Redis every second: it
+copies measured attention costs into the dispatcher's device models (online
+refinement), drops draining attention workers from dispatch, asks every dense
+worker ``Info`` (not answering: its instance is lost and its sequences are
+recomputed on the others; answering with a new incarnation: it restarted and
+joins again as a fresh instance, adopting what waited for it), attaches dense
+workers that appear, and has each dense worker ``Connect`` the live attention
+workers it does not reach. The router is ready while any instance is.
 
 The public gRPC servicer (services/router/server.py, on asyncio) only maps
-calls to the methods here. Three kinds of thread, none per stream: the event
-loop (every stream, health, status), the serving loop (the only one touching
-engine state; status is a snapshot taken between steps), and a small pool for
-tokenizing and chat templating, so a long prompt never stalls the event loop.
-A prompt longer than ``max_prompt_chars`` is refused before it is tokenized.
+calls to the methods here. Threads: the event loop (every stream, health,
+status), the serving loop (the only one touching engine state; status is a
+snapshot taken between steps), one step thread per dense worker, and a small
+pool for tokenizing and chat templating, so a long prompt never stalls the
+event loop. A prompt longer than ``max_prompt_chars`` is refused before it
+is tokenized.
 """
 from __future__ import annotations
 
@@ -34,74 +33,25 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import grpc
 import redis
-from prometheus_client import Counter
 
 from hetis.engine.config import EngineConfig
 from hetis.engine.detokenize import TextStream
 from hetis.engine.engine import build_engine
 from hetis.engine.sampling import ParamError, SamplingParams
 from hetis.engine.serving import ServingLoop
-from hetis.engine.step import DevicesLost, Step, StepFailed, StepTimes
 from hetis.mesh import wire
 from hetis.mesh.discovery import connect, read_workers
+from hetis.mesh.fleet import DenseHandle, Fleet
 from hetis.mesh.flags import RouterConfig
 from hetis.model.loader import load_meta
 from hetis.model.tokenizer import validate_messages
 from hetis.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger("hetis.router")
-STEP_TIME = Counter("hetis:step_seconds_total", "router step time by part", ["part"])
-
-
-@dataclass
-class StepStats:
-    """Where the router's steps spend their time (cumulative)."""
-    steps: int = 0
-    rpc_s: float = 0.0          # whole Step call as seen by the router
-    dense_total_s: float = 0.0  # inside the dense worker
-    dense_s: float = 0.0
-    local_attn_s: float = 0.0
-    exchange_wait_s: float = 0.0
-
-    def add(self, rpc_s: float, t: StepTimes) -> None:
-        self.steps += 1
-        self.rpc_s += rpc_s
-        self.dense_total_s += t.total
-        self.dense_s += t.dense
-        self.local_attn_s += t.local_attn
-        self.exchange_wait_s += t.exchange_wait
-        for part, v in (("step_call", rpc_s), ("dense_worker", t.total), ("dense_compute", t.dense),
-                        ("local_attn", t.local_attn), ("exchange_wait", t.exchange_wait)):
-            STEP_TIME.labels(part).inc(v)
-
-
-class RemoteExecutor:
-    """The executor interface (``execute(step)``), carried out by a dense worker over gRPC."""
-
-    def __init__(self, stub: worker_pb2_grpc.DenseWorkerStub, timeout: float = 120.0):
-        self.stub, self.timeout = stub, timeout
-        self.stats = StepStats()
-        self.last_times = StepTimes()
-        self._step_id = 0
-
-    def execute(self, step: Step) -> list[int]:
-        self._step_id += 1
-        t0 = time.perf_counter()
-        try:
-            resp = self.stub.Step(wire.step_to_proto(step, self._step_id), timeout=self.timeout)
-        except grpc.RpcError as e:
-            msg = f"dense worker step failed: {e.code().name}: {e.details()}"
-            lost = wire.lost_backends_from_metadata(e.trailing_metadata())
-            if lost:
-                raise DevicesLost(lost, msg) from None
-            raise StepFailed(msg) from None
-        tokens, self.last_times = wire.step_result_from_proto(resp)
-        self.stats.add(time.perf_counter() - t0, self.last_times)
-        return tokens
 
 
 def _wait(what: str, fn, timeout: float, interval: float = 0.5):
@@ -127,36 +77,86 @@ class Router:
         self.model_cfg, self.tokenizer = load_meta(cfg.model)
         self.redis = connect(cfg.redis_url)
         self._stop = threading.Event()
-        self.dense_ok = False  # until start() has connected it
+        self.fleet = Fleet()
+        self.engine = None
+        self._aliases: set[str] = set()  # more addresses of dense workers we have
         self.max_prompt_chars = cfg.max_prompt_chars or 32 * cfg.max_model_len
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
 
+    @property
+    def dense_ok(self) -> bool:
+        """Some dense worker serves (the engine exists and an instance is live)."""
+        return self.engine is not None and any(not i.lost for i in self.engine.instances)
+
     # ------------------------------------------------------------ start-up
     def start(self) -> "Router":
-        cfg, mc = self.cfg, self.model_cfg
-        dense = worker_pb2_grpc.DenseWorkerStub(cfg.security.internal_channel(cfg.dense_worker))
-        info = _wait(f"the dense worker at {cfg.dense_worker}",
-                     lambda: dense.Info(worker_pb2.InfoRequest(), timeout=5), cfg.startup_timeout)
-        if (info.num_layers, info.num_kv_heads) != (mc.num_layers, mc.num_kv_heads):
-            raise SystemExit("router: --model differs from the dense worker's model")
+        cfg = self.cfg
+        dense = _wait(f"{cfg.dense_workers} dense worker(s)", self._answering_dense,
+                      cfg.startup_timeout)[:max(cfg.dense_workers, 1)]
         addrs = [w["address"] for w in self._wait_attention_workers()]
-        info = dense.Connect(worker_pb2.ConnectRequest(attn_addresses=addrs),
-                             timeout=cfg.startup_timeout)
+        for h, info in dense:
+            info = h.stub.Connect(worker_pb2.ConnectRequest(attn_addresses=addrs),
+                                  timeout=cfg.startup_timeout)
+            self.engine = self.fleet.attach(self.engine, h, info, self._build)
+        self.loop = ServingLoop(self.engine, cfg.max_queue).start()
+        threading.Thread(target=self._watch, daemon=True, name="membership").start()
+        log.info("router ready: %d dense and %d attention workers, policy %s", len(dense),
+                 len(addrs), cfg.policy)
+        return self
+
+    def _build(self, executor, devices):
+        cfg, mc, info = self.cfg, self.model_cfg, self._first_info
         self.model_name, self.dtype = info.model, info.dtype
-        devices, self.device_ids = wire.devices_from_info(info)
         ecfg = EngineConfig(block_size=info.block_size, max_num_seqs=cfg.max_num_seqs,
                             max_num_batched_tokens=cfg.max_num_batched_tokens,
                             max_model_len=min(cfg.max_model_len, mc.max_position))
-        self.executor = RemoteExecutor(dense)
-        self.engine = build_engine(self.executor, self.tokenizer, mc, ecfg, devices,
-                                   policy=cfg.policy, kv_bytes=2 if info.dtype == "bfloat16" else 4,
-                                   detokenize=False)  # done per stream in stream()
-        self.dense = dense
-        self.loop = ServingLoop(self.engine, cfg.max_queue).start()
-        self.dense_ok = True
-        threading.Thread(target=self._watch, daemon=True, name="membership").start()
-        log.info("router ready: %d attention workers, policy %s", len(info.peers), cfg.policy)
-        return self
+        return build_engine(executor, self.tokenizer, mc, ecfg, devices, policy=cfg.policy,
+                            kv_bytes=2 if info.dtype == "bfloat16" else 4,
+                            detokenize=False)  # done per stream in stream()
+
+    def _open(self, address: str) -> tuple[DenseHandle, object] | None:
+        """A handle on the dense worker at ``address`` and its Info, or None (not answering);
+        SystemExit when it serves another model than ours."""
+        channel = self.cfg.security.internal_channel(address)
+        try:
+            info = worker_pb2_grpc.DenseWorkerStub(channel).Info(worker_pb2.InfoRequest(), timeout=5)
+        except grpc.RpcError:
+            channel.close()
+            return None
+        mc = self.model_cfg
+        if (info.num_layers, info.num_kv_heads) != (mc.num_layers, mc.num_kv_heads):
+            channel.close()
+            raise SystemExit(f"router: --model differs from the model of dense worker {info.id} "
+                             f"at {address}")
+        if self.engine is not None and (info.block_size, info.dtype) != \
+                (self.engine.cfg.block_size, self.dtype):
+            channel.close()
+            log.error("dense worker %s at %s is not like the others (block size %d, %s): left out",
+                      info.id, address, info.block_size, info.dtype)
+            return None
+        self._first_info = getattr(self, "_first_info", None) or info
+        return self.fleet.handle(info.id, address, channel, info.incarnation), info
+
+    def _dense_addresses(self, r) -> list[str]:
+        """--dense-worker addresses, then the live dense workers registered in Redis."""
+        named = [a for a in self.cfg.dense_worker.split(",") if a]
+        try:
+            seen = [w["address"] for w in sorted(read_workers(r), key=lambda w: w["id"])
+                    if w["kind"] == "dense" and w["alive"]]
+        except redis.RedisError:
+            if not named:
+                raise
+            seen = []
+        return list(dict.fromkeys(named + seen))
+
+    def _answering_dense(self):
+        opened = [o for o in (self._open(a) for a in self._dense_addresses(self.redis)) if o]
+        ids = {h.wid for h, _ in opened}
+        if len(ids) >= max(self.cfg.dense_workers, 1):
+            return list({h.wid: (h, info) for h, info in opened}.values())
+        for h, _ in opened:
+            h.channel.close()
+        return None
 
     def _wait_attention_workers(self) -> list[dict]:
         n = self.cfg.attn_workers
@@ -168,89 +168,108 @@ class Router:
             return sorted(live, key=lambda w: w["id"])[:n] if len(live) >= n else None
         return _wait(f"{n} attention workers in Redis", enough, self.cfg.startup_timeout)
 
+    # ------------------------------------------------------------ membership
     def _watch(self) -> None:
-        """Every second: refresh the cost models from Redis; connect attention workers that
-        are alive but not in dispatch (a failed join is retried after 10 s)."""
+        """Every second: refresh the cost models from Redis, check every dense worker,
+        attach new ones, connect attention workers to the dense workers that lack them."""
         r = connect(self.cfg.redis_url)
-        retry_at: dict[str, float] = {}
         while not self._stop.wait(1.0):
             try:
                 by_id = {w["id"]: w for w in read_workers(r)}
             except Exception as e:  # noqa: BLE001 - Redis hiccup: keep the last model
                 log.warning("telemetry read failed: %s", e)
                 continue
-            if not self._check_dense():
+            try:
+                self._membership(r, by_id)
+            except Exception:  # noqa: BLE001 - the next round tries again
+                log.exception("membership round failed")
+
+    def _membership(self, r, by_id: dict) -> None:
+        fleet, call = self.fleet, self.loop.call
+        attn = {wid: w for wid, w in by_id.items() if w["kind"] == "attention"}
+        fleet.gone = {wid for wid, w in attn.items() if not w["alive"] or w["draining"]}
+        devices = self.engine.dispatcher.devices
+        for dev, wid in zip(list(devices), list(fleet.device_ids)):
+            w = by_id.get(wid)
+            if w and w["cost_per_token"] > 0 and fleet.kinds.get(wid) == "attention":
+                dev.cost_per_token, dev.cost_per_group = w["cost_per_token"], w["cost_per_group"]
+        for i, wid in enumerate(list(fleet.device_ids)):
+            if fleet.kinds.get(wid) == "attention" and not devices[i].lost \
+                    and by_id.get(wid, {}).get("draining"):
+                moved = call(lambda eng, i=i: eng.lose_devices([i]))
+                log.info("attention worker %s is draining: %d sequences move elsewhere", wid, len(moved))
+        call(fleet.note_losses)
+        for h in list(fleet.dense.values()):
+            self._check_dense(h)
+        known = {h.address for h in fleet.dense.values()} | self._aliases
+        for addr in self._dense_addresses(r):
+            if addr not in known:
+                self._attach_new(addr, attn)
+        now = time.monotonic()
+        live = [w for w in attn.values() if w["alive"] and not w["draining"]]
+        for h in list(fleet.dense.values()):
+            if h.lost:
                 continue
-            devices = self.engine.dispatcher.devices
-            for dev, wid in zip(list(devices), list(self.device_ids)):
-                w = by_id.get(wid)
-                if w and w["cost_per_token"] > 0:
-                    dev.cost_per_token, dev.cost_per_group = w["cost_per_token"], w["cost_per_group"]
-            for i, (dev, wid) in enumerate(zip(list(devices), list(self.device_ids))):
-                if i and not dev.lost and by_id.get(wid, {}).get("draining"):
-                    moved = self.loop.call(lambda eng, i=i: eng.lose_devices([i]))
-                    log.info("attention worker %s is draining: %d sequences move elsewhere",
-                             wid, len(moved))
-            active = {wid for dev, wid in zip(list(devices), list(self.device_ids)) if not dev.lost}
-            now = time.monotonic()
-            for w in by_id.values():
-                if (w["kind"] == "attention" and w["alive"] and not w["draining"]
-                        and w["id"] not in active and retry_at.get(w["id"], 0) <= now):
-                    if not self._connect(w):
-                        retry_at[w["id"]] = now + 10.0
+            todo = [w for w in live if not fleet.reaches(h, w["id"]) and h.retry_at.get(w["id"], 0) <= now]
+            if todo:
+                self._connect(h, todo)
+
+    def _check_dense(self, h: DenseHandle) -> None:
+        """Is dense worker ``h`` there, and the same process we attached? Lost when it does
+        not answer; a restarted one (new incarnation) starts over as a fresh instance."""
+        try:
+            info = h.stub.Info(worker_pb2.InfoRequest(), timeout=2)
+        except grpc.RpcError:
+            if not h.lost:
+                n = self.loop.call(lambda eng: self.fleet.lose(eng, h))
+                log.error("dense worker %s at %s is not answering: %d sequences move to the other "
+                          "instances", h.wid, h.address, n)
+            return
+        if info.incarnation == h.incarnation and not h.lost:
+            return
+        if not h.lost:
+            n = self.loop.call(lambda eng: self.fleet.lose(eng, h))
+            log.warning("dense worker %s restarted: its %d sequences are recomputed", h.wid, n)
+        self.fleet.dense.pop(h.wid, None)
+        h.channel.close()
+        self._attach_new(h.address, {})
+
+    def _attach_new(self, address: str, attn: dict) -> None:
+        opened = self._open(address)
+        if opened is None:
+            return
+        h, info = opened
+        old = self.fleet.dense.get(h.wid)
+        if old is not None and not old.lost:  # already ours under another address
+            h.channel.close()
+            self._aliases.add(address)
+            return
+        self.loop.call(lambda eng: self.fleet.attach(eng, h, info, self._build))
+        log.info("dense worker %s at %s joined as instance %d", h.wid, address, h.index)
+
+    def _connect(self, h: DenseHandle, workers: list[dict]) -> None:
+        """Have dense worker ``h`` join ``workers`` (renewing channels it must not trust)."""
+        addrs = [w["address"] for w in workers]
+        renew = [w["address"] for w in workers if w["id"] in h.renew]
+        try:
+            info = h.stub.Connect(worker_pb2.ConnectRequest(attn_addresses=addrs, renew=renew),
+                                  timeout=240)
+        except grpc.RpcError as e:
+            log.warning("dense worker %s could not join %s: %s", h.wid, addrs, e.details())
+            for w in workers:
+                h.retry_at[w["id"]] = time.monotonic() + 10.0
+            return
+        joined = {p.id for p in info.peers if not p.lost}
+        for w in workers:
+            if w["id"] not in joined:
+                h.retry_at[w["id"]] = time.monotonic() + 10.0
+        self.loop.call(lambda eng: self.fleet.sync(eng, h, info, renewed=joined))
 
     def ready(self) -> bool:
         """Whether requests can be served (the health service follows it)."""
-        # dense_ok is first set once the engine and its loop exist; a loop that died of a
-        # bug is no longer alive (its error says why)
+        # dense_ok needs the engine and a live instance; a loop that died of a bug is no
+        # longer alive (its error says why)
         return self.dense_ok and not self._stop.is_set() and self.loop.thread.is_alive()
-
-    def _check_dense(self) -> bool:
-        """Is the dense worker there, and is it the one we connected? Starts over on a
-        restarted one (it answers with fewer peers than we know)."""
-        try:
-            info = self.dense.Info(worker_pb2.InfoRequest(), timeout=2)
-        except grpc.RpcError:
-            if self.dense_ok:
-                log.error("dense worker at %s is not answering", self.cfg.dense_worker)
-            self.dense_ok = False
-            return False
-        if len(info.peers) < len(self.device_ids) - 1:
-            devices, ids = wire.devices_from_info(info)
-            moved = self.loop.call(lambda eng: eng.reset_devices(devices))
-            self.device_ids[:] = ids
-            log.warning("dense worker restarted: starting over on it (%d sequences recomputed); "
-                        "attention workers reconnect", len(moved))
-        if not self.dense_ok:
-            log.info("dense worker at %s is back", self.cfg.dense_worker)
-        self.dense_ok = True
-        return True
-
-    def _connect(self, worker: dict) -> bool:
-        """Have the dense worker join ``worker``; put its backend into dispatch."""
-        try:
-            info = self.dense.Connect(worker_pb2.ConnectRequest(attn_addresses=[worker["address"]]),
-                                      timeout=240)
-        except grpc.RpcError as e:
-            log.warning("attention worker %s at %s not connected: %s", worker["id"],
-                        worker["address"], e.details())
-            return False
-        devices, ids = wire.devices_from_info(info)
-        for i, (dev, wid) in enumerate(zip(devices, ids)):
-            if i == 0 or dev.lost:
-                continue
-            if i >= len(self.device_ids):
-                self.loop.call(lambda eng, dev=dev: eng.add_device(dev))
-                self.device_ids.append(wid)
-            elif self.engine.dispatcher.devices[i].lost and wid == worker["id"]:
-                # the slot of a lost worker, taken by this one (a draining worker the dense
-                # worker has not yet seen fail keeps its slot, and stays out of dispatch)
-                self.loop.call(lambda eng, dev=dev, i=i: eng.add_device(dev, index=i))
-                self.device_ids[i] = wid
-            else:
-                continue
-            log.info("attention worker %s joined dispatch as device %d", wid, i)
-        return True
 
     def close(self) -> None:
         self._stop.set()
@@ -305,8 +324,7 @@ class Router:
         early (a cancelled call, a gone client) aborts the request and frees its KV.
         """
         if not self.dense_ok:
-            raise RuntimeError(f"the dense worker at {self.cfg.dense_worker} is not answering; "
-                               "retry when the router reports SERVING")
+            raise RuntimeError("no dense worker is answering; retry when the router reports SERVING")
         if len(ids) >= self.engine.cfg.max_model_len:  # before queueing a huge list
             raise ParamError("prompt", f"{len(ids)} tokens leave no room under max_model_len="
                              f"{self.engine.cfg.max_model_len}")
@@ -347,9 +365,11 @@ class Router:
 
     def cluster_status(self):
         """The engine's own view (snapshot from the loop thread) plus Redis liveness."""
-        snap, steps = self.loop.call(lambda eng: (eng.snapshot(), replace(self.executor.stats)))
+        f = self.fleet
+        snap, ids, kinds, steps = self.loop.call(lambda eng: (
+            eng.snapshot(), list(f.device_ids), dict(f.kinds), f.stats()))
         try:
             workers = {w["id"]: w for w in read_workers(self.redis)}
         except redis.RedisError as e:
             raise RuntimeError(f"Redis is unreachable ({e}); retry") from None
-        return wire.cluster_status_to_proto(snap, self.model_name, self.device_ids, workers, steps)
+        return wire.cluster_status_to_proto(snap, self.model_name, ids, kinds, workers, steps)

@@ -199,11 +199,13 @@ class AttentionLoop:
     """
 
     def __init__(self, backend: AttentionBackend, channel: dist.ProcessGroup, num_layers: int,
-                 cost: tuple[float, float], comm_device: str = "cpu", alpha: float = 0.1):
+                 cost: tuple[float, float], comm_device: str = "cpu", alpha: float = 0.1,
+                 residency: Residency | None = None):
         self.backend, self.channel, self.L = backend, channel, num_layers
         self.comm_device = comm_device
         self.cost_per_token, self.cost_per_group = cost
-        self.residency = Residency(backend.block_size)
+        # shared by every channel of a worker (several dense workers write one store)
+        self.residency = residency or Residency(backend.block_size)
         self.steps = 0
         self.last_seen = time.monotonic()  # when the dense worker last sent a command
         self.alpha = alpha

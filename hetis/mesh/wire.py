@@ -26,7 +26,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 
 from hetis.defaults import DTYPE_NAMES
-from hetis.engine.dispatcher import Device
 from hetis.engine.sampling import ParamError, SamplingParams
 from hetis.engine.step import AttnItem, Step, StepChunk, StepTimes
 from hetis.model.tokenizer import validate_messages
@@ -206,23 +205,27 @@ def model_info_to_proto(cfg, name: str, dtype: str, max_model_len: int, tokenize
                         has_chat_template=bool(tokenizer.chat_template))
 
 
-def cluster_status_to_proto(snap, model: str, device_ids: list[str], workers: dict[str, dict],
-                            steps) -> pb.ClusterStatus:
+def cluster_status_to_proto(snap, model: str, device_ids: list[str], kinds: dict[str, str],
+                            workers: dict[str, dict], steps) -> pb.ClusterStatus:
     """The engine's snapshot (placement, KV, load: the router's truth), with each worker's
-    liveness, kind, device and address from Redis (a device the router lost is shown dead
-    until it rejoins), and the router's step breakdown."""
+    liveness, device and address from Redis (a device the router lost is shown dead until
+    it rejoins), each dense worker's steps and batch, and the router's step breakdown."""
     st = pb.ClusterStatus(policy=snap.policy, waiting=snap.waiting, running=snap.running, model=model,
                           steps=pb.StepBreakdown(
                               steps=steps.steps, step_call_s=steps.rpc_s,
                               dense_worker_s=steps.dense_total_s, dense_compute_s=steps.dense_s,
                               local_attn_s=steps.local_attn_s, exchange_wait_s=steps.exchange_wait_s))
-    for i, (wid, dev) in enumerate(zip(device_ids, snap.devices)):
+    instances = {i.name: i for i in snap.instances}
+    for wid, dev in zip(device_ids, snap.devices):
         w = workers.get(wid, {})
-        ws = st.workers.add(id=wid, kind=w.get("kind", "dense" if i == 0 else "attention"),
+        ws = st.workers.add(id=wid, kind=w.get("kind", kinds.get(wid, "")),
                             device=w.get("device", ""), address=w.get("address", ""),
                             alive=w.get("alive", False) and not dev.lost, kv_used_tokens=dev.used_tokens,
                             kv_total_tokens=dev.total_tokens, load=dev.load,
                             cost_per_token=dev.cost_per_token)
+        inst = instances.get(wid)
+        if inst is not None and kinds.get(wid) == "dense":
+            ws.steps, ws.running, ws.waiting = inst.steps, inst.running, inst.waiting
         for rid, groups in dev.resident.items():
             ws.resident.add(request_id=rid, groups=groups)
     return st
@@ -355,24 +358,17 @@ class Peer:
 
 
 def dense_info_to_proto(wid: str, model: str, dtype: str, device: str, mc, block_size: int,
-                        kv_tokens: int, peers: list[Peer], backend: str) -> wpb.DenseInfo:
+                        kv_tokens: int, peers: list[Peer], backend: str,
+                        incarnation: str = "") -> wpb.DenseInfo:
     return wpb.DenseInfo(id=wid, model=model, dtype=dtype, device=device, num_layers=mc.num_layers,
                          num_kv_heads=mc.num_kv_heads, q_per_group=mc.q_per_group,
                          head_dim=mc.head_dim, block_size=block_size, kv_tokens=kv_tokens,
-                         peers=[wpb.AttentionPeer(**vars(p)) for p in peers], backend=backend)
+                         peers=[wpb.AttentionPeer(**vars(p)) for p in peers], backend=backend,
+                         incarnation=incarnation)
 
 
 def join_response_to_proto(wid: str, kv_tokens: int, device: str) -> wpb.JoinResponse:
     return wpb.JoinResponse(id=wid, kv_tokens=kv_tokens, device=device)
-
-
-def devices_from_info(info: wpb.DenseInfo) -> tuple[list[Device], list[str]]:
-    """The dispatcher's devices (0: the dense worker's own, i: peers[i-1]) and their worker ids."""
-    bs = info.block_size
-    devices = [Device(info.id, max(1, info.kv_tokens // bs))] + [
-        Device(p.id, max(1, p.kv_tokens // bs), remote=True, latency=p.latency_s,
-               bandwidth=p.bandwidth_bps, lost=p.lost) for p in info.peers]
-    return devices, [info.id] + [p.id for p in info.peers]
 
 
 def attn_stats_to_proto(wid: str, device: str, kv_total: int, joined: bool, tel: dict,

@@ -105,8 +105,11 @@ class AttentionBackend:
     remote = False
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, head_dim: int,
-                 q_per_group: int, dtype: torch.dtype, device: str = "cpu"):
-        self.store = KVStore(num_layers, num_blocks, block_size, head_dim, dtype, device)
+                 q_per_group: int, dtype: torch.dtype, device: str = "cpu",
+                 store: KVStore | None = None):
+        # ``store``: share another backend's cache (an attention worker's channels do; the
+        # router's block accounting keeps them on disjoint blocks)
+        self.store = store or KVStore(num_layers, num_blocks, block_size, head_dim, dtype, device)
         self.block_size, self.qpg, self.head_dim = block_size, q_per_group, head_dim
         self.device = device
         self.layout = StepLayout(0, torch.empty(0, dtype=torch.long))

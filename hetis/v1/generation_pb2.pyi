@@ -137,7 +137,7 @@ class ResidentGroups(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., groups: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("id", "kind", "device", "address", "alive", "resident", "kv_used_tokens", "kv_total_tokens", "load", "cost_per_token")
+    __slots__ = ("id", "kind", "device", "address", "alive", "resident", "kv_used_tokens", "kv_total_tokens", "load", "cost_per_token", "steps", "running", "waiting")
     ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -148,6 +148,9 @@ class WorkerStatus(_message.Message):
     KV_TOTAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
     COST_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
+    WAITING_FIELD_NUMBER: _ClassVar[int]
     id: str
     kind: str
     device: str
@@ -158,7 +161,10 @@ class WorkerStatus(_message.Message):
     kv_total_tokens: int
     load: float
     cost_per_token: float
-    def __init__(self, id: _Optional[str] = ..., kind: _Optional[str] = ..., device: _Optional[str] = ..., address: _Optional[str] = ..., alive: _Optional[bool] = ..., resident: _Optional[_Iterable[_Union[ResidentGroups, _Mapping]]] = ..., kv_used_tokens: _Optional[int] = ..., kv_total_tokens: _Optional[int] = ..., load: _Optional[float] = ..., cost_per_token: _Optional[float] = ...) -> None: ...
+    steps: int
+    running: int
+    waiting: int
+    def __init__(self, id: _Optional[str] = ..., kind: _Optional[str] = ..., device: _Optional[str] = ..., address: _Optional[str] = ..., alive: _Optional[bool] = ..., resident: _Optional[_Iterable[_Union[ResidentGroups, _Mapping]]] = ..., kv_used_tokens: _Optional[int] = ..., kv_total_tokens: _Optional[int] = ..., load: _Optional[float] = ..., cost_per_token: _Optional[float] = ..., steps: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ...) -> None: ...
 
 class StepBreakdown(_message.Message):
     __slots__ = ("steps", "step_call_s", "dense_worker_s", "dense_compute_s", "local_attn_s", "exchange_wait_s")

@@ -105,7 +105,7 @@ class AttentionPeer(_message.Message):
     def __init__(self, id: _Optional[str] = ..., address: _Optional[str] = ..., device: _Optional[str] = ..., kv_tokens: _Optional[int] = ..., latency_s: _Optional[float] = ..., bandwidth_bps: _Optional[float] = ..., lost: _Optional[bool] = ...) -> None: ...
 
 class DenseInfo(_message.Message):
-    __slots__ = ("id", "model", "dtype", "device", "num_layers", "num_kv_heads", "q_per_group", "head_dim", "block_size", "kv_tokens", "peers", "backend")
+    __slots__ = ("id", "model", "dtype", "device", "num_layers", "num_kv_heads", "q_per_group", "head_dim", "block_size", "kv_tokens", "peers", "backend", "incarnation")
     ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -118,6 +118,7 @@ class DenseInfo(_message.Message):
     KV_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PEERS_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
     id: str
     model: str
     dtype: str
@@ -130,13 +131,16 @@ class DenseInfo(_message.Message):
     kv_tokens: int
     peers: _containers.RepeatedCompositeFieldContainer[AttentionPeer]
     backend: str
-    def __init__(self, id: _Optional[str] = ..., model: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., q_per_group: _Optional[int] = ..., head_dim: _Optional[int] = ..., block_size: _Optional[int] = ..., kv_tokens: _Optional[int] = ..., peers: _Optional[_Iterable[_Union[AttentionPeer, _Mapping]]] = ..., backend: _Optional[str] = ...) -> None: ...
+    incarnation: str
+    def __init__(self, id: _Optional[str] = ..., model: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., q_per_group: _Optional[int] = ..., head_dim: _Optional[int] = ..., block_size: _Optional[int] = ..., kv_tokens: _Optional[int] = ..., peers: _Optional[_Iterable[_Union[AttentionPeer, _Mapping]]] = ..., backend: _Optional[str] = ..., incarnation: _Optional[str] = ...) -> None: ...
 
 class ConnectRequest(_message.Message):
-    __slots__ = ("attn_addresses",)
+    __slots__ = ("attn_addresses", "renew")
     ATTN_ADDRESSES_FIELD_NUMBER: _ClassVar[int]
+    RENEW_FIELD_NUMBER: _ClassVar[int]
     attn_addresses: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, attn_addresses: _Optional[_Iterable[str]] = ...) -> None: ...
+    renew: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, attn_addresses: _Optional[_Iterable[str]] = ..., renew: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
     __slots__ = ("master_addr", "master_port", "rank", "world_size", "backend", "num_layers", "q_per_group", "head_dim", "block_size", "dtype", "group_id")

@@ -29,8 +29,10 @@ class DenseWorkerServicer(worker_pb2_grpc.DenseWorkerServicer):
         addrs = tuple(req.attn_addresses)
         if any(not a or ":" not in a for a in addrs):
             ctx.abort(grpc.StatusCode.INVALID_ARGUMENT, "attn_addresses: each must be host:port")
+        if set(req.renew) - set(addrs):
+            ctx.abort(grpc.StatusCode.INVALID_ARGUMENT, "renew: each must also be in attn_addresses")
         try:
-            return self.worker.connect(addrs)
+            return self.worker.connect(addrs, tuple(req.renew))
         except ConnectFailed as e:
             ctx.abort(grpc.StatusCode.UNAVAILABLE, f"attention worker join failed: {e}")
 

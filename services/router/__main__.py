@@ -1,15 +1,20 @@
 """Router: the public hetis.v1.Generation API, scheduling and head dispatch.
 
     python -m services.router --port 50051 --redis-url redis://localhost:6379/0 \\
-        --dense-worker HOST:PORT [--attn-workers N] [--policy hetis|local-only|round-robin] \\
+        [--dense-worker HOST:PORT[,HOST:PORT...]] [--dense-workers N] [--attn-workers N] \\
+        [--policy hetis|local-only|round-robin] \\
         [--model PATH] [--max-num-seqs 64] [--max-num-batched-tokens 1024] \\
         [--max-model-len 2048] [--max-queue 1024] [--max-prompt-chars N] \\
         [--startup-timeout 300] [--metrics-port P] [--log-level INFO] \\
         [--http-port P] [--api-key KEY] [--served-model-name NAME]
 
-At start it listens at once (health NOT_SERVING), waits for the dense worker
-and for N live attention workers in Redis, connects them into one tensor
-group, then reports SERVING. It runs on asyncio (uvloop when installed): one
+At start it listens at once (health NOT_SERVING), waits for --dense-workers
+dense workers (those named by --dense-worker, and any registered in Redis)
+and for N live attention workers in Redis, has each dense worker open a
+tensor channel to each attention worker, then reports SERVING. Each dense
+worker is a serving instance with its own batch; the attention workers are
+one pool shared by all. Dense and attention workers that register later join
+while it serves. It runs on asyncio (uvloop when installed): one
 event loop for every stream and the health service, no thread per stream.
 With --http-port, the same loop serves the OpenAI-compatible HTTP API
 (docs/http.md). With --api-key (or $HETIS_API_KEY), both public APIs require
@@ -32,7 +37,10 @@ def parse(argv=None) -> RouterConfig:
     ap.add_argument("--host", default="0.0.0.0", help="interface to bind")
     ap.add_argument("--redis-url", default=defaults.default_redis_url(),
                     help="Redis (env HETIS_REDIS_URL)")
-    ap.add_argument("--dense-worker", required=True, help="the dense worker's gRPC host:port")
+    ap.add_argument("--dense-worker", default="",
+                    help="dense workers' gRPC host:port, comma-separated (more are found in Redis)")
+    ap.add_argument("--dense-workers", type=positive_int, default=1,
+                    help="dense workers to wait for before serving; more join later (default 1)")
     ap.add_argument("--attn-workers", type=nonneg_int, default=0,
                     help="attention workers to wait for in Redis before serving; more join later (default 0)")
     ap.add_argument("--policy", default=defaults.DEFAULT_POLICY, choices=defaults.POLICIES,

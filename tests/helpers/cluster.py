@@ -18,14 +18,17 @@ from hetis.up import LocalCluster, service_commands
 class Cluster:
     def __init__(self, attn_workers: int = 0, policy: str = "hetis", dtype: str = "float32",
                  router_args: tuple[str, ...] = (), dense_args: tuple[str, ...] = (),
-                 timeout: float = 240):
+                 timeout: float = 240, dense_workers: int = 1):
         os.environ.setdefault("HETIS_THREADS", "1")
         self.redis = RedisProcess()
         args = argparse.Namespace(attn_workers=attn_workers, port=free_port(), redis_url=self.redis.url,
-                                  model=None, dtype=dtype, policy=policy, threads=1)
+                                  model=None, dtype=dtype, policy=policy, threads=1,
+                                  dense_workers=dense_workers)
         cmds = service_commands(args)
         cmds[-1][1].extend(router_args)
-        next(argv for name, argv in cmds if name == "dense-0").extend(dense_args)
+        for name, argv in cmds:
+            if name.startswith("dense-"):
+                argv.extend(dense_args)
         self.target = f"127.0.0.1:{args.port}"
         self.log_dir = tempfile.mkdtemp(prefix="hetis-test-")
         self.local = LocalCluster(cmds, self.log_dir)

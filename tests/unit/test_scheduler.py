@@ -91,9 +91,12 @@ def test_step_work_follows_the_placement_and_reports_freed_sequences():
         assert (it.start, it.num_new) == (0, 6)
         assert it.blocks == eng.managers[b].table(seq.seq_id, it.group) and len(it.blocks) == 2
     run(eng)
-    eng.step()  # nothing left to run; the freed id still waits for a step to carry it
-    eng.flush_freed()
+    n = len(ex.steps)
+    eng.step()  # nothing left to run: a step of no chunks carries the freed id
+    assert len(ex.steps) == n + 1
     assert ex.steps[-1].chunks == [] and ex.steps[-1].freed == [seq.seq_id]
+    eng.step()  # and then nothing at all
+    assert len(ex.steps) == n + 1
 
 
 def test_the_dispatcher_places_admitted_requests():

@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import pytest
 
-from hetis.engine.engine import DeviceState, EngineSnapshot
+from hetis.engine.snapshot import DeviceState, EngineSnapshot, InstanceState
 from hetis.engine.sampling import ParamError, SamplingParams
 from hetis.engine.step import AttnItem, Step, StepChunk, StepTimes
 from hetis.mesh import wire
-from hetis.mesh.router import StepStats
+from hetis.mesh.fleet import StepStats
 from hetis.v1 import generation_pb2 as pb
 from hetis.v1 import worker_pb2 as wpb
-from tests.helpers.fakes import MODEL
 
 
 def test_sampling_round_trip_keeps_defaults_for_unset_fields():
@@ -94,24 +93,19 @@ def test_join_round_trip_and_validation():
         wire.join_from_proto(wire.join_to_proto(wire.AttentionShape(30, 3, 0, 16, "float32"), rv))
 
 
-def test_dense_info_becomes_the_dispatchers_devices():
-    peers = [wire.Peer("attn-0", "h:1", "cpu", 3200, 1e-4, 1e9)]
-    info = wire.dense_info_to_proto("dense-0", "m", "float32", "cpu", MODEL, 16, 1600, peers, "gloo")
-    devices, ids = wire.devices_from_info(info)
-    assert ids == ["dense-0", "attn-0"]
-    assert [d.capacity_blocks for d in devices] == [100, 200]
-    assert not devices[0].remote and devices[1].remote
-    assert (devices[1].latency, devices[1].bandwidth) == (1e-4, 1e9)
-
-
 def test_cluster_status_from_a_snapshot():
     snap = EngineSnapshot("hetis", 2, 1, [DeviceState(32, 1600, 0.5, 1e-8, {"r": [0, 2]}),
-                                          DeviceState(0, 3200, 0.0, 2e-8, {})])
+                                          DeviceState(0, 3200, 0.0, 2e-8, {})],
+                          [InstanceState("dense-0", 1, 2, 17, False)])
     workers = {"attn-0": {"kind": "attention", "alive": True, "address": "h:1", "device": "cpu"}}
-    st = wire.cluster_status_to_proto(snap, "m", ["dense-0", "attn-0"], workers, StepStats(steps=3))
+    st = wire.cluster_status_to_proto(snap, "m", ["dense-0", "attn-0"],
+                                      {"dense-0": "dense", "attn-0": "attention"}, workers,
+                                      StepStats(steps=3))
     d = wire.message_to_dict(st)
     assert (d["policy"], d["waiting"], d["running"], d["steps"]["steps"]) == ("hetis", 2, 1, 3)
     dense, attn = d["workers"]
     assert dense["kind"] == "dense" and not dense["alive"]  # not in Redis: reported dead
+    assert (dense["steps"], dense["running"], dense["waiting"]) == (17, 1, 2)
+    assert attn["steps"] == 0 and attn["running"] == 0  # those are the dense workers' only
     assert dense["resident"] == [{"request_id": "r", "groups": [0, 2]}] and dense["kv_used_tokens"] == 32
     assert attn["alive"] and attn["address"] == "h:1" and attn["kv_total_tokens"] == 3200
