@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--dense-workers", type=positive_int, default=1, metavar="N",
                     help="dense workers: serving instances, each with its own batch, sharing the "
                     "attention workers (default %(default)s)")
+    up.add_argument("--tp", type=positive_int, default=1, metavar="K",
+                    help="tensor-parallel ranks per dense worker: K processes each, the weights "
+                    "and head groups split among them (default %(default)s)")
     up.add_argument("--port", type=port_number, default=defaults.ROUTER_PORT,
                     help="router port (default %(default)s)")
     up.add_argument("--redis-url", default=None, metavar="URL",

@@ -30,7 +30,7 @@ def service_commands(args, ports: dict[str, int] | None = None, host: str = LOCA
     """(name, argv) of every service, in start order: attn-0.., dense-0.., router.
 
     ``args`` carries attn_workers, port (the router's), redis_url, model, dtype,
-    policy and threads (``hetis up``'s flags), and optionally dense_workers, dense_kv_tokens,
+    policy and threads (``hetis up``'s flags), and optionally dense_workers, tp, dense_kv_tokens,
     attn_kv_tokens, host and http_port. Secrets (the API key) never go on a
     command line, where ``ps`` shows them: they travel in the environment. ``ports`` maps worker names to their ports (missing
     ones get free ports); ``host`` is how services reach each other (127.0.0.1
@@ -57,6 +57,7 @@ def service_commands(args, ports: dict[str, int] | None = None, host: str = LOCA
                             "--advertise-host", host, "--threads", str(args.threads),
                             "--metrics-port", "0", *internal, *kv("attn_kv_tokens")]))
     dense = []
+    tp = ["--tp", str(args.tp)] if (getattr(args, "tp", 1) or 1) > 1 else []
     for i in range(max(1, getattr(args, "dense_workers", 1) or 1)):
         name = f"dense-{i}"
         port = ports.setdefault(name, free_port())
@@ -65,7 +66,7 @@ def service_commands(args, ports: dict[str, int] | None = None, host: str = LOCA
                             *redis_flag, "--worker-id", name, *model,
                             "--dtype", args.dtype, "--advertise-host", host,
                             "--threads", str(args.threads), "--metrics-port", "0", *internal,
-                            *kv("dense_kv_tokens")]))
+                            *kv("dense_kv_tokens"), *tp]))
     cmds.append(("router", [py, "-m", "services.router", "--port", str(args.port),
                             *redis_flag, *model,
                             "--dense-worker", ",".join(dense), "--dense-workers", str(len(dense)),

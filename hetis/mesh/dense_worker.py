@@ -1,4 +1,4 @@
-"""The dense worker's runtime: the weights, the executor, and the tensor group it leads.
+"""The dense worker's runtime: the weights, the executor, and the tensor channels it leads.
 
 It loads the model on ``--device``, keeps a local attention backend (its own
 device serves the head groups the router places there), and executes each
@@ -6,22 +6,30 @@ device serves the head groups the router places there), and executes each
 channel per attention worker (a two-rank process group with its own
 rendezvous in this worker's TCPStore; NCCL when both ends are CUDA devices,
 gloo otherwise; a peer that does not answer within ``--peer-timeout`` is
-lost), measures each link, and swaps in an executor whose backends 1..N are
-:class:`~hetis.mesh.tensor_path.RemoteAttention`.
+lost), measures each link, and installs a
+:class:`~hetis.mesh.tensor_path.RemoteAttention` as backend 1..N.
 
 Losing an attention worker: when its channel fails in a step (it died, or did
-not answer within ``--peer-timeout``), the other channels finish that step with
-dummy tensors so they stay in step (:meth:`RemoteAttention.drain`), the lost
-backend is replaced by a :class:`LostBackend`, and the step fails with
+not answer within ``--peer-timeout``), the step goes on to its end without it
+(its rows zeros: the other channels stay in step), the lost backend is
+replaced by a :class:`LostBackend`, and the step fails with
 :class:`BackendsLost` naming the backend indices; the router then recomputes
 the sequences that lived there on the other devices and retries the rest.
+
+With ``--tp K`` the worker is K processes (hetis/mesh/tp.py): this one is
+rank 0 and drives the others; every rank holds its share of the weights and
+head groups, its own local KV for them and its own channel to each attention
+worker. Steps and connects are broadcast to the ranks and their outcomes
+agreed, so all ranks keep the same backends.
 
 Sampling across the wire needs no state here: a seeded draw depends on the
 request's seed and the token's position only (hetis/model/sampler.py).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -35,11 +43,14 @@ from hetis.engine.step import Step, StepTimes
 from hetis.mesh import wire
 from hetis.mesh.discovery import Registration, Residency
 from hetis.mesh.flags import DenseWorkerConfig, describe_device
-from hetis.mesh.tensor_path import DENSE, PeerLost, RemoteAttention, open_channel, serve_store
+from hetis.mesh.tensor_path import (DENSE, PeerLost, RemoteAttention, connect_store, open_channel,
+                                    serve_store)
+from hetis.mesh.tp import TPBroken, TPGroup, spawn_ranks
 from hetis.model.attention import AttentionBackend, profile_attention
 from hetis.model.dense import DenseModel, parse_dtype
-from hetis.model.executor import Executor
+from hetis.model.executor import Executor, RemoteFailed
 from hetis.model.loader import load
+from hetis.model.tp import group_split, shard
 from hetis.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger("hetis.dense_worker")
@@ -72,24 +83,38 @@ class LostBackend:
 class DenseWorker:
     def __init__(self, cfg: DenseWorkerConfig):
         self.cfg = cfg
+        self.rank = cfg.tp_rank
         self.dtype = parse_dtype(cfg.dtype)
         mc, sd, _tok = load(cfg.model, self.dtype)
         self.model_cfg = mc
+        if cfg.tp > 1:
+            group_split(mc.num_groups, cfg.tp)  # ValueError naming --tp before anything starts
+        self.store: dist.TCPStore | None = None
+        self.followers = []
+        if cfg.tp > 1 and self.rank == 0:  # the store first: the other ranks rendezvous in it
+            self.store = serve_store(cfg.dist_port)
+            self.followers = spawn_ranks(cfg, cfg.advertised, self.store.port)
+        elif cfg.tp > 1:
+            host, port = cfg.tp_store.rsplit(":", 1)
+            self.store = connect_store(host, int(port), timeout=600)
         self.model = DenseModel(mc, sd, self.dtype, cfg.device)
+        self.tp = TPGroup(self.store, self.rank, cfg.tp, cfg.device) if cfg.tp > 1 else None
+        groups = shard(self.model, self.rank, cfg.tp, self.tp.all_reduce) if self.tp else None
+        # block ids are the router's, over every group: each rank's store spans them all
+        # (pages are touched only where its own groups live)
         self.local = AttentionBackend(mc.num_layers, max(1, cfg.kv_tokens // cfg.block_size),
                                       cfg.block_size, mc.head_dim, mc.q_per_group, self.dtype,
                                       cfg.device)
         self.cost = profile_attention(self.local)
         self.residency = Residency(cfg.block_size)
-        self.executor = Executor(self.model, [self.local])
+        self.executor = Executor(self.model, [self.local], groups)
         self.peers: list[wire.Peer] = []     # backend i + 1 is peers[i]
         self.dist_backends: set[str] = set()
         self.connect_lock = threading.Lock()
-        self.step_lock = threading.Lock()
+        self.step_lock = threading.RLock()
         self.wid = cfg.worker_id or ""
         self.steps = 0
         self.registration: Registration | None = None
-        self.store: dist.TCPStore | None = None
         self.lost_channels: list[RemoteAttention] = []
         self.incarnation = uuid.uuid4().hex  # a restarted worker answers Info with another
 
@@ -115,42 +140,72 @@ class DenseWorker:
         Additive, so the router can call it whenever a worker appears: a worker with a
         live channel keeps its backend index, a lost one answering again at the same
         address takes its old index back, a new one takes a lost worker's index (so
-        replaced workers do not grow the list) or the next. Joining happens
-        outside the step lock (steps go on); only the swap-in takes it. Raises
-        ConnectFailed when none of the new workers could be joined. ``renew``: addresses
-        whose live channel is dropped first (told to stop if it still can) and joined anew:
-        the router lost that worker through another dense worker's channel.
+        replaced workers do not grow the list) or the next. ``renew``: addresses whose
+        live channel is dropped first (told to stop if it still can) and joined anew:
+        the router lost that worker through another dense worker's channel. Joining
+        happens outside the step lock (steps go on; with --tp it cannot: the ranks do
+        one thing at a time). Raises ConnectFailed when none of the new workers could
+        be joined.
         """
         with self.connect_lock:
-            for addr in set(renew) & set(addrs):
-                self._drop(addr)
-            live = {p.address for p in self.peers if not p.lost}
+            renew = tuple(a for a in renew if a in addrs)
+            live = {p.address for p in self.peers if not p.lost} - set(renew)
             todo = [a for a in dict.fromkeys(addrs) if a not in live]
-            errors = []
-            for addr in todo:
+            lost = [i for i, p in enumerate(self.peers) if p.lost or p.address in renew]
+            plan, n = [], len(self.peers)
+            for addr in todo:  # a lost slot is reused: the same address first, else the first
+                slot = next((i for i in lost if self.peers[i].address == addr), lost[0] if lost else None)
+                if slot is None:
+                    slot, n = n, n + 1
+                else:
+                    lost.remove(slot)
+                plan.append((addr, slot))
+            with self.step_lock if self.tp else contextlib.nullcontext():
                 try:
-                    remote, peer = self._join(addr)
-                except (grpc.RpcError, PeerLost, RuntimeError) as e:
-                    why = e.details() if isinstance(e, grpc.RpcError) else str(e)
-                    log.warning("attention worker at %s: join failed: %s", addr, why)
-                    errors.append(f"{addr}: {why}")
-                    continue
-                with self.step_lock:
-                    backends = self.executor.backends
-                    # a lost slot is reused: the same address first, else the first lost one
-                    lost = [i for i, p in enumerate(self.peers) if p.lost]
-                    old = next((i for i in lost if self.peers[i].address == addr),
-                               lost[0] if lost else None)
-                    if old is None:
-                        backends.append(remote)
-                        self.peers.append(peer)
-                    else:
-                        backends[old + 1], self.peers[old] = remote, peer
-                log.info("attention worker %s at %s is backend %d: latency %.1f us, bandwidth %.2f GB/s",
-                         peer.id, addr, backends.index(remote), peer.latency_s * 1e6, peer.bandwidth_bps / 1e9)
+                    if self.tp:
+                        self.tp.broadcast(("connect", plan, renew))
+                    errors = self.apply_connect(plan, renew)
+                except TPBroken as e:
+                    self.abandon(e)
             if todo and len(errors) == len(todo):
                 raise ConnectFailed("; ".join(errors))
             return self.info()
+
+    def apply_connect(self, plan: list[tuple[str, int]], renew: tuple[str, ...]) -> list[str]:
+        """Every rank: drop ``renew``, join each (address, backend slot) of ``plan``, agree
+        (a worker not joined on every rank is dropped on all), install. Returns errors."""
+        for addr in renew:
+            self._drop(addr)
+        joined, errors = {}, []
+        for addr, slot in plan:
+            try:
+                joined[slot] = self._join(addr)
+            except (grpc.RpcError, PeerLost, RuntimeError) as e:
+                why = e.details() if isinstance(e, grpc.RpcError) else str(e)
+                log.warning("attention worker at %s: join failed: %s", addr, why)
+                errors.append(f"{addr}: {why}")
+        failed = [slot not in joined for _, slot in plan]
+        if self.tp:
+            failed = self.tp.any_of(failed)
+        with self.step_lock:
+            backends = self.executor.backends
+            for (addr, slot), bad in zip(plan, failed):
+                if slot in joined and bad:  # another rank could not: nobody uses it
+                    self.lost_channels.append(joined.pop(slot)[0])
+                if slot not in joined:
+                    remote, peer = None, wire.Peer("", addr, "", 0, 0.0, 0.0, lost=True)
+                else:
+                    remote, peer = joined[slot]
+                while len(self.peers) <= slot:
+                    self.peers.append(wire.Peer("", "", "", 0, 0.0, 0.0, lost=True))
+                    backends.append(LostBackend(""))
+                backends[slot + 1] = remote or LostBackend(addr)
+                self.peers[slot] = peer
+                if remote is not None:
+                    log.info("attention worker %s at %s is backend %d: latency %.1f us, bandwidth "
+                             "%.2f GB/s", peer.id, addr, slot + 1, peer.latency_s * 1e6,
+                             peer.bandwidth_bps / 1e9)
+        return errors
 
     def _drop(self, addr: str) -> None:
         with self.step_lock:
@@ -179,7 +234,9 @@ class DenseWorker:
             shape = wire.AttentionShape(mc.num_layers, mc.q_per_group, mc.head_dim,
                                         self.cfg.block_size, self.cfg.dtype)
             group_id = uuid.uuid4().hex[:12]
-            rv = wire.Rendezvous(self.cfg.advertised, self.store.port, 1, 2, backend, group_id)
+            # every rank's channels rendezvous in rank 0's store
+            host = self.cfg.tp_store.rsplit(":", 1)[0] if self.rank else self.cfg.advertised
+            rv = wire.Rendezvous(host, self.store.port, 1, 2, backend, group_id)
             with ThreadPoolExecutor(1) as pool:
                 answer = pool.submit(stub.Join, wire.join_to_proto(shape, rv), timeout=180)
                 channel = open_channel(backend, self.store, group_id, DENSE, self.cfg.peer_timeout)
@@ -200,29 +257,46 @@ class DenseWorker:
         with self.step_lock, torch.inference_mode():
             self.residency.update(step.work[0], step.freed)
             try:
-                toks = self.executor.execute(step)
-            except PeerLost as e:
-                lost = self._lose(e.peer)
-                raise BackendsLost(lost, str(e)) from e
-            self.steps += 1
-            return toks, self.executor.last_times
+                if self.tp:
+                    self.tp.broadcast(("step", step))
+                return self.run_step(step), self.executor.last_times
+            except TPBroken as e:
+                self.abandon(e)
 
-    def _lose(self, peer: RemoteAttention) -> list[int]:
-        """Drop a failed peer; drain the others' aborted step (any that fails is lost too)."""
+    def abandon(self, why: Exception) -> None:
+        """A tensor-parallel rank is gone: this worker cannot compute any more. Exit at once,
+        so the router finds it gone and recomputes its requests on other instances."""
+        log.critical("%s: exiting", why)
+        for p in self.followers:
+            p.kill()
+        os._exit(3)
+
+    def run_step(self, step: Step) -> list[int]:
+        """Every rank: the step for its groups; backends lost on any rank are lost on all."""
+        with torch.inference_mode():
+            toks, failed = [], {}
+            try:
+                toks = self.executor.execute(step)
+            except RemoteFailed as e:
+                failed = e.failed
+            if self.tp:
+                agreed = self.tp.any_of([b in failed for b in range(len(self.executor.backends))])
+                failed = {b: failed.get(b, "lost on another rank") for b, f in enumerate(agreed) if f}
+            if failed:
+                lost = self._lose(sorted(failed))
+                raise BackendsLost(lost, "; ".join(str(e) for e in failed.values()))
+            self.steps += 1
+            return toks
+
+    def _lose(self, indices: list[int]) -> list[int]:
+        """Drop failed backends (never destroyed mid-operation: kept in lost_channels)."""
         backends = self.executor.backends
-        lost = [i for i, be in enumerate(backends) if be is peer]
-        for i, be in enumerate(backends):
-            if isinstance(be, RemoteAttention) and be is not peer:
-                try:
-                    be.drain(self.model_cfg.num_layers)
-                except PeerLost:
-                    lost.append(i)
-        for i in lost:
+        for i in indices:
             log.error("attention worker %s (backend %d) lost", backends[i].peer_id, i)
-            self.lost_channels.append(backends[i])  # dropped, never destroyed mid-operation
+            self.lost_channels.append(backends[i])
             backends[i] = LostBackend(backends[i].peer_id)
             self.peers[i - 1].lost = True
-        return sorted(lost)
+        return indices
 
     def telemetry(self) -> dict:
         return {"kv_used_tokens": self.residency.used_tokens,
@@ -230,6 +304,17 @@ class DenseWorker:
                 "cost_per_token": self.cost[0], "cost_per_group": self.cost[1], "steps": self.steps}
 
     def close(self) -> None:
+        if self.tp and self.rank == 0:
+            try:
+                with self.step_lock:
+                    self.tp.broadcast(("stop",))
+            except Exception:  # noqa: BLE001 - a rank may be gone already
+                pass
+            for p in self.followers:
+                try:
+                    p.wait(10)
+                except Exception:  # noqa: BLE001 - it must not outlive us
+                    p.kill()
         for be in self.executor.backends[1:]:
             try:
                 if isinstance(be, RemoteAttention):

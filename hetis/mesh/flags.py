@@ -129,6 +129,9 @@ class DenseWorkerConfig(WorkerConfig):
     block_size: int = 16
     dist_port: int = 0
     peer_timeout: float = 10.0
+    tp: int = 1                 # tensor-parallel ranks (processes; hetis/mesh/tp.py)
+    tp_rank: int = 0            # set for ranks 1.. by rank 0, never by hand
+    tp_store: str = ""          # rank 0's rendezvous store, for ranks 1..
 
 
 @dataclass
@@ -157,7 +160,8 @@ class RouterConfig:
 
 def from_args(cls, args: argparse.Namespace):
     """A config dataclass from the parsed flags of the same names (``security`` from the
-    TLS flags; a bad TLS file ends the process with the flag's name)."""
+    TLS flags; a bad TLS file ends the process with the flag's name). Fields no flag sets
+    (internal ones, such as a tensor-parallel rank's) keep their defaults."""
     kw = {}
     for f in fields(cls):
         if f.name == "security":
@@ -165,7 +169,7 @@ def from_args(cls, args: argparse.Namespace):
                 kw[f.name] = Security.from_args(args)
             except ValueError as e:
                 raise SystemExit(f"error: {e}") from None
-        else:
+        elif hasattr(args, f.name):
             kw[f.name] = getattr(args, f.name)
     return cls(**kw)
 

@@ -104,10 +104,9 @@ def _guarded(method):
 class RemoteAttention:
     """An attention worker, seen from the dense worker (backend with send/recv).
 
-    It counts the layers it has sent and received in the current step, so that when
-    another peer fails mid-step :meth:`drain` can finish this channel's step with
-    dummy inputs (their outputs discarded, their cache writes overwritten when the
-    router re-runs those tokens) and the channel stays in step for the next one.
+    When another peer fails mid-step the executor carries the step to its end, so
+    this channel stays in step for the next one (the step's outputs are discarded
+    and its cache writes overwritten when the router re-runs those tokens).
     """
 
     remote = True
@@ -153,17 +152,6 @@ class RemoteAttention:
             w.wait()
         self._works.clear()
         self._keep.clear()
-
-    def drain(self, num_layers: int) -> None:
-        """Finish an aborted step: dummy inputs for the layers not sent, every output read."""
-        if self.rows:
-            width = (self.qpg + 2) * self.D
-            for layer in range(self.received, num_layers):
-                if layer >= self.sent:
-                    self._isend(torch.zeros(self.rows, width, dtype=self.dtype))
-                    self.sent += 1
-                self.recv(layer)
-        self.end_step()
 
     @_guarded
     def ping(self, nbytes: int) -> float:

@@ -121,11 +121,18 @@ class DenseModel:
 
     def post_attention(self, layer: int, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """O projection, residual, MLP, residual."""
+        h = h + self.o_proj(layer, attn.reshape(h.shape[0], -1))
+        return h + self.mlp(layer, rms_norm(h, self.layers[layer]["ln2"], self.cfg.rms_norm_eps))
+
+    # The two projections whose outputs tensor parallelism sums across ranks
+    # (hetis/model/tp.py wraps them; the model does not know).
+    def o_proj(self, layer: int, attn: torch.Tensor) -> torch.Tensor:
+        return F.linear(attn, self.layers[layer]["o"])
+
+    def mlp(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         L = self.layers[layer]
-        h = h + F.linear(attn.reshape(h.shape[0], -1), L["o"])
-        x = rms_norm(h, L["ln2"], self.cfg.rms_norm_eps)
         gate, up = F.linear(x, L["gate_up"]).chunk(2, dim=-1)
-        return h + F.linear(F.silu(gate) * up, L["down"])
+        return F.linear(F.silu(gate) * up, L["down"])
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return F.linear(rms_norm(h, self.norm, self.cfg.rms_norm_eps), self.lm_head).float()

@@ -23,6 +23,17 @@ from hetis.model.dense import DenseModel
 from hetis.model.sampler import sample
 
 
+class RemoteFailed(RuntimeError):
+    """Remote backends failed during a step (``failed``: backend index -> its error).
+
+    The step was carried to its end without them (their rows zeros), so every other
+    channel stayed in step and every collective of a tensor-parallel group was met."""
+
+    def __init__(self, failed: dict[int, BaseException]):
+        self.failed = failed
+        super().__init__("; ".join(str(e) for e in failed.values()))
+
+
 @dataclass
 class _Index:
     rows: torch.Tensor   # token row of each packed row
@@ -31,10 +42,16 @@ class _Index:
 
 
 class Executor:
-    def __init__(self, model: DenseModel, backends: list):
+    """``groups``: the head groups this executor computes (a tensor-parallel rank's share,
+    hetis/model/tp.py; default all): items of other groups are not its business, and its
+    model's q/k/v hold only these groups, in order."""
+
+    def __init__(self, model: DenseModel, backends: list, groups: range | None = None):
         self.model, self.backends = model, backends
         c = model.cfg
-        self.G, self.qpg, self.D = c.num_groups, c.q_per_group, c.head_dim
+        self.partial = groups is not None
+        self.groups = groups if groups is not None else range(c.num_groups)
+        self.G, self.qpg, self.D = len(self.groups), c.q_per_group, c.head_dim
         self.device = model.device
         self.last_times = StepTimes()
 
@@ -45,7 +62,7 @@ class Executor:
         base = torch.cumsum(n, 0) - n
         item_of_row = torch.repeat_interleave(torch.arange(len(items)), n)
         rows = first[item_of_row] + torch.arange(int(n.sum())) - base[item_of_row]
-        grp = torch.tensor([it.group for it in items])[item_of_row]
+        grp = torch.tensor([it.group - self.groups.start for it in items])[item_of_row]
         return _Index(rows.to(self.device), grp.to(self.device))
 
     def execute(self, step: Step) -> list[int]:
@@ -59,14 +76,30 @@ class Executor:
         return toks
 
     def forward(self, step: Step) -> torch.Tensor:
-        """Run the step; float32 logits of the chunks with ``sample``, in order."""
+        """Run the step; float32 logits of the chunks with ``sample``, in order. A remote
+        backend that fails is left out for the rest of the step, which still runs to its
+        end; then RemoteFailed names every failed backend."""
         chunks, items, freed = step.chunks, step.work, step.freed
+        if self.partial:  # a TP rank's share
+            items = [[it for it in its if it.group in self.groups] for its in items]
+        failed: dict[int, BaseException] = {}
+
+        def remote(b, op, *args):
+            if b in failed:
+                return None
+            try:
+                return op(*args)
+            except Exception as e:  # noqa: BLE001 - remote backends raise only their loss
+                failed[b] = e
+                return None
         if not chunks:  # nothing to compute: only tell remote workers what was freed
-            for be in self.backends:
+            for b, be in enumerate(self.backends):
                 if getattr(be, "remote", False):
-                    be.begin_step([], freed)
-                    be.end_step()
+                    remote(b, be.begin_step, [], freed)
+                    remote(b, be.end_step)
             self.last_times = StepTimes()
+            if failed:
+                raise RemoteFailed(failed)
             return torch.empty(0, self.model.cfg.vocab_size, device=self.device)
         times = StepTimes()
         ids, pos, offsets, logit_rows = [], [], {}, []
@@ -82,7 +115,7 @@ class Executor:
         for b, its in enumerate(items):
             be = self.backends[b]
             if getattr(be, "remote", False):
-                be.begin_step(its, freed)   # the layout goes once per step, even when empty
+                remote(b, be.begin_step, its, freed)   # the layout goes once per step, even when empty
             elif its:
                 be.begin_step(its)
             index.append(self._index(its, offsets) if its else None)
@@ -92,7 +125,7 @@ class Executor:
         def attend(layer, q, k, v):
             T = q.shape[0]
             q4 = q.view(T, G, qpg, D)
-            out = torch.empty_like(q4)
+            out = torch.zeros_like(q4) if failed else torch.empty_like(q4)
             pending = []
             for b in order:
                 ix = index[b]
@@ -100,7 +133,7 @@ class Executor:
                     continue
                 be = self.backends[b]
                 if getattr(be, "remote", False):
-                    be.send(layer, q4[ix.rows, ix.grp], k[ix.rows, ix.grp], v[ix.rows, ix.grp])
+                    remote(b, be.send, layer, q4[ix.rows, ix.grp], k[ix.rows, ix.grp], v[ix.rows, ix.grp])
                     pending.append(b)
                 else:
                     ta = time.perf_counter()
@@ -110,15 +143,21 @@ class Executor:
             for b in pending:
                 ix = index[b]
                 tw = time.perf_counter()
-                out[ix.rows, ix.grp] = self.backends[b].recv(layer).to(out.dtype)
+                got = remote(b, self.backends[b].recv, layer)
+                if got is not None:
+                    out[ix.rows, ix.grp] = got.to(out.dtype)
+                else:  # failed now or before: zeros, the step's result is void anyway
+                    out[ix.rows, ix.grp] = 0
                 times.exchange_wait += time.perf_counter() - tw
             return out.view(T, G * qpg, D)
 
         long = dict(dtype=torch.long, device=self.device)
         logits = self.model.forward(torch.tensor(ids, **long), torch.tensor(pos, **long),
                                     torch.tensor(logit_rows, **long), attend)
-        for be in self.backends:
+        for b, be in enumerate(self.backends):
             if getattr(be, "remote", False):
-                be.end_step()
+                remote(b, be.end_step)
         self.last_times = times
+        if failed:
+            raise RemoteFailed(failed)
         return logits

@@ -2,8 +2,8 @@
 
     python -m services.dense_worker --port 50061 --redis-url redis://localhost:6379/0 \\
         [--model PATH] [--dtype float32|bfloat16] [--worker-id dense-0] [--advertise-host HOST] \\
-        [--device cpu|cuda:N] [--kv-tokens N] [--dist-port P] [--peer-timeout S] [--threads T] \\
-        [--metrics-port P] [--log-level INFO]
+        [--device cpu|cuda:N] [--kv-tokens N] [--dist-port P] [--peer-timeout S] [--tp K] \\
+        [--threads T] [--metrics-port P] [--log-level INFO]
 
 Its own device also serves attention for the head groups the router places
 there. The router calls Connect once with the attention workers' addresses;
@@ -28,6 +28,10 @@ def parse(argv=None) -> DenseWorkerConfig:
                     help="rendezvous port of the tensor channels (a TCPStore; 0: a free one)")
     ap.add_argument("--peer-timeout", type=float, default=10.0,
                     help="seconds an attention worker may take to answer before it is lost")
+    ap.add_argument("--tp", type=positive_int, default=1,
+                    help="tensor-parallel ranks: this worker runs as TP processes (on CUDA: "
+                    "--device cuda:N and the next TP-1 devices), its weights and head groups "
+                    "split among them (default 1)")
     return from_args(DenseWorkerConfig, ap.parse_args(argv))
 
 

@@ -61,7 +61,10 @@ def run(cfg: DenseWorkerConfig) -> None:
     setup_logging(cfg.log_level)
     apply_threads(cfg.threads)
     check_device(cfg.device)
-    worker = DenseWorker(cfg)
+    try:
+        worker = DenseWorker(cfg)
+    except ValueError as e:  # e.g. "tp: must be between 1 and ..."
+        raise SystemExit(f"dense worker: --{e}") from None
     impl = DenseWorkerServicer(worker)
     serve_worker("dense_worker", cfg, worker,
                  lambda s: worker_pb2_grpc.add_DenseWorkerServicer_to_server(impl, s),

@@ -86,7 +86,9 @@ def test_hetis_up_two_dense_workers_share_one_attention_worker(llm, tmp_path):
 
 
 def test_kill_9_of_a_dense_worker_mid_stream_loses_no_request(llm):
-    c = Cluster(attn_workers=1, dense_workers=2, policy="round-robin")
+    """Two dense workers, each tensor-parallel (two ranks, so each rank exchanges its own
+    head groups with the attention worker); rank 0 of dense-1 is killed mid-stream."""
+    c = Cluster(attn_workers=1, dense_workers=2, policy="round-robin", tp=2)
     try:
         base = llm.tokenizer.encode(BASE)
         prompts = [base[: 4 + i] for i in range(16)]
@@ -112,7 +114,11 @@ def test_kill_9_of_a_dense_worker_mid_stream_loses_no_request(llm):
             st = stub.GetClusterStatus(pb.ClusterStatusRequest(), timeout=10)
             busy = {w.id: w.running + w.waiting for w in st.workers if w.kind == "dense"}
             assert busy["dense-1"] > 0, busy  # it has requests to lose
-            c.proc("dense-1").kill()
+            victim = c.proc("dense-1")
+            ranks = subprocess.run(["pgrep", "-P", str(victim.pid)], capture_output=True,
+                                   text=True).stdout.split()
+            assert len(ranks) == 1  # its rank 1
+            victim.kill()
             for th in threads:
                 th.join(600)
             assert not errors and got == want  # every stream whole, nothing repeated
@@ -129,5 +135,31 @@ def test_kill_9_of_a_dense_worker_mid_stream_loses_no_request(llm):
             after = _stream(stub, llm.tokenizer.encode("After the fault,"),
                             dict(temperature=0, max_tokens=8))
             assert after == llm.generate("After the fault,", SamplingParams(temperature=0, max_tokens=8))[0].token_ids
+            deadline = time.monotonic() + 10  # its rank 1 did not outlive it
+            while time.monotonic() < deadline and os.path.exists(f"/proc/{ranks[0]}"):
+                time.sleep(0.2)
+            assert not os.path.exists(f"/proc/{ranks[0]}")
+    finally:
+        c.stop()
+
+
+def test_tp_2_without_attention_workers_is_exact(llm):
+    c = Cluster(attn_workers=0, tp=2)
+    try:
+        prompts = [llm.tokenizer.encode(t) for t in ("The capital of France is", "def fib(n):",
+                                                      "Once upon a time, in a land far away,")]
+        sp = dict(temperature=0, max_tokens=16, ignore_eos=True)
+        want = [o.token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts],
+                                                  SamplingParams(**sp))]
+        with grpc.insecure_channel(c.target) as ch:
+            stub = generation_pb2_grpc.GenerationStub(ch)
+            got = [None] * len(prompts)
+            threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, _stream(stub, prompts[i], sp)))
+                       for i in range(len(prompts))]
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join(300)
+        assert got == want
     finally:
         c.stop()
