@@ -55,13 +55,15 @@ def bench(argv: list[str]) -> dict:
     return run(args, log=lambda msg: print(msg, file=sys.stderr, flush=True))
 
 
-def start_mesh(threads: int, log_dir: str, dtype: str = "bfloat16", attn_workers: int = 2):
+def start_mesh(threads: int, log_dir: str, dtype: str = "bfloat16", attn_workers: int = 2,
+               dense_workers: int = 1, tp: int = 1):
     """(redis, cluster, router address): ``hetis up``'s machinery, policy hetis."""
     from hetis.mesh.redisproc import RedisProcess, free_port
     from hetis.up import LOCAL_HOST, LocalCluster, service_commands
     redis = RedisProcess()
     ns = SimpleNamespace(attn_workers=attn_workers, port=free_port(), redis_url=redis.url,
-                         model=None, dtype=dtype, policy="hetis", threads=threads)
+                         model=None, dtype=dtype, policy="hetis", threads=threads,
+                         dense_workers=dense_workers, tp=tp)
     cluster = LocalCluster(service_commands(ns), log_dir)
     try:
         cluster.start()

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import os
 
-import pytest
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")  # before grpc: see hetis/__init__.py
+
+import pytest  # noqa: E402
 import torch
 from hypothesis import settings
 
