@@ -240,7 +240,7 @@ class Engine:
         step = Step([StepChunk(c.seq.seq_id, c.start, c.seq.tokens(c.start, c.start + c.num_new),
                                c.sample, c.seq.params) for c in chunks],
                     inst.scheduler.items(chunks), freed)
-        planned = Planned(index, self._next_step, step, chunks,
+        planned = Planned(index, inst, self._next_step, step, chunks,
                           [c.seq.num_preemptions for c in chunks], time.monotonic())
         self._next_step += 1
         self._inflight[planned.step_id] = index
@@ -252,7 +252,7 @@ class Engine:
         (its chunks are computed again by a later step)."""
         del self._inflight[planned.step_id]
         self._fence()
-        inst = self.instances[planned.instance]
+        inst = planned.owner
         if tokens is None:
             return []
         if planned.chunks:

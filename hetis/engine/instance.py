@@ -52,7 +52,8 @@ class Instance:
 @dataclass
 class Planned:
     """A step handed out by ``Engine.begin_step``, to be closed by ``Engine.end_step``."""
-    instance: int
+    instance: int                   # its index when the step began
+    owner: Instance                 # that instance (a replacement at the index is another)
     step_id: int
     step: Step
     chunks: list[Chunk]

@@ -88,7 +88,7 @@ class ServingLoop:
         self.lock = threading.Lock()
         self._preemptions = 0
         self.pending_adds = 0
-        self.inflight: dict[int, Planned] = {}       # instance index -> its step in flight
+        self.inflight: dict[int, Planned] = {}       # id(instance) -> its step in flight
         self.finished: queue.Queue = queue.Queue()   # (Planned, Future) of steps done
         self.pools: dict[int, ThreadPoolExecutor] = {}  # id(executor) -> its step thread
 
@@ -206,13 +206,13 @@ class ServingLoop:
         """Give every idle live instance its next step."""
         eng = self.engine
         for i, inst in enumerate(eng.instances):
-            if inst.lost or i in self.inflight:
+            if inst.lost or id(inst) in self.inflight:
                 continue
             planned, rejected = eng.begin_step(i)
             self._emit(rejected)
             if planned is None:
                 continue
-            self.inflight[i] = planned
+            self.inflight[id(inst)] = planned
             pool = self.pools.get(id(inst.executor))
             if pool is None:
                 pool = self.pools[id(inst.executor)] = ThreadPoolExecutor(
@@ -227,13 +227,16 @@ class ServingLoop:
                 planned, fut = self.finished.get_nowait()
             except queue.Empty:
                 return
-            self.inflight.pop(planned.instance, None)
+            self.inflight.pop(id(planned.owner), None)
             err = fut.exception()
             if err is None:
                 self._emit(self.engine.end_step(planned, fut.result()))
             else:
                 self.engine.end_step(planned, None)
-                self._failed(planned.instance, err)
+                if self.engine.instances[planned.instance] is planned.owner:
+                    self._failed(planned.instance, err)
+                else:  # its instance was dropped and replaced meanwhile: old news
+                    log.info("a step of a replaced instance failed: %s", err)
             n = self.engine.num_preemptions
             PREEMPTIONS.inc(max(0, n - self._preemptions))
             self._preemptions = n

@@ -93,6 +93,12 @@ class Router:
         cfg = self.cfg
         dense = _wait(f"{cfg.dense_workers} dense worker(s)", self._answering_dense,
                       cfg.startup_timeout)[:max(cfg.dense_workers, 1)]
+        self._first_info = first = dense[0][1]
+        for h, info in dense[1:]:
+            if (info.block_size, info.dtype, info.model) != (first.block_size, first.dtype, first.model):
+                raise SystemExit(f"router: dense worker {h.wid} runs {info.model} {info.dtype} with "
+                                 f"block size {info.block_size}; {dense[0][0].wid} runs "
+                                 f"{first.model} {first.dtype} with {first.block_size}: they must agree")
         addrs = [w["address"] for w in self._wait_attention_workers()]
         for h, info in dense:
             info = h.stub.Connect(worker_pb2.ConnectRequest(attn_addresses=addrs),
@@ -134,7 +140,6 @@ class Router:
             log.error("dense worker %s at %s is not like the others (block size %d, %s): left out",
                       info.id, address, info.block_size, info.dtype)
             return None
-        self._first_info = getattr(self, "_first_info", None) or info
         return self.fleet.handle(info.id, address, channel, info.incarnation), info
 
     def _dense_addresses(self, r) -> list[str]:

@@ -176,3 +176,39 @@ def test_the_serving_loop_recovers_a_lost_instance_on_the_other():
         assert [i.lost for i in snap.instances] == [False, True]
     finally:
         loop.stop()
+
+
+def test_a_late_failure_of_a_replaced_instance_does_not_drop_its_replacement():
+    release, started = threading.Event(), threading.Event()
+
+    class Hangs(FakeExecutor):
+        def execute(self, step):
+            started.set()
+            assert release.wait(10)
+            raise InstanceLost("dense worker b step failed: DEADLINE_EXCEEDED")
+
+    eng, _, _ = two_instances(ex_b=Hangs())
+    loop = ServingLoop(eng, max_queue=16).start()
+    try:
+        loop.submit("a", [1, 2, 3], GREEDY, None)
+        q = loop.submit("b", [1, 2, 3], GREEDY, None)  # dealt to instance b, whose step hangs
+        assert started.wait(10)
+
+        def replace_b(e):  # the router found b gone (Info) and a restarted b joined
+            e.lose_instance(1)
+            local = e.add_device(Device("d2-again", 1000), index=2)
+            return e.add_instance("b2", FakeExecutor(), local, {1, local}, index=1)
+        assert loop.call(replace_b) == 1
+        release.set()  # the old step fails now: old news
+        toks = []
+        while True:
+            o = q.get(timeout=30)
+            assert not isinstance(o, Exception), o
+            toks += o.new_token_ids
+            if o.finished:
+                break
+        assert toks == reference([[1, 2, 3]])[0]
+        snap = loop.call(lambda e: e.snapshot())
+        assert [(i.name, i.lost) for i in snap.instances] == [("0", False), ("b2", False)]
+    finally:
+        loop.stop()
