@@ -25,12 +25,12 @@ from prometheus_client import Gauge
 from hetis.mesh import wire
 from hetis.mesh.discovery import Registration, Residency
 from hetis.mesh.flags import WorkerConfig, describe_device
-from hetis.mesh.tensor_path import ATTN, AttentionLoop, connect_store, open_channel
+from hetis.mesh.tensor_path import (ATTN, CHANNEL_TIMEOUT, AttentionLoop, connect_store,
+                                    open_channel)
 from hetis.model.attention import AttentionBackend, profile_attention
 from hetis.model.dense import DTYPES
 
 log = logging.getLogger("hetis.attn_worker")
-IDLE_TIMEOUT = 7 * 24 * 3600.0  # a channel may wait this long for the next step (the idle mesh)
 KV_USED = Gauge("hetis:kv_used_tokens", "KV cache in use, tokens x head groups", ["worker"])
 KV_TOTAL = Gauge("hetis:kv_total_tokens", "KV cache capacity, tokens x head groups", ["worker"])
 ATTN_STEPS = Gauge("hetis:attn_steps", "decode/prefill steps served", ["worker"])
@@ -46,6 +46,7 @@ class AttentionWorker:
         self.wid = cfg.worker_id or ""
         self.device = cfg.device
         self.loops: dict[str, tuple[AttentionLoop, threading.Thread, object]] = {}  # by group id
+        self.peers: dict[str, str] = {}  # joining end -> its group id
         self.shape: wire.AttentionShape | None = None
         self.kv = None             # the KV store every loop writes (first Join allocates it)
         self.cost = (0.0, 0.0)     # profiled at the first Join
@@ -86,15 +87,23 @@ class AttentionWorker:
                                        shape.q_per_group, DTYPES[shape.dtype], self.device,
                                        store=self.kv)
             store = connect_store(rv.master_addr, rv.master_port, timeout=120)
-            channel = open_channel(rv.backend, store, rv.group_id, ATTN, IDLE_TIMEOUT)
+            channel = open_channel(rv.backend, store, rv.group_id, ATTN, CHANNEL_TIMEOUT,
+                                   host=self.cfg.advertised)
             comm = "cuda" if rv.backend == "nccl" else "cpu"
             loop = AttentionLoop(backend, channel, shape.num_layers, self.cost, comm_device=comm,
                                  residency=self.residency)
             thread = threading.Thread(target=self._run, args=(loop, rv.group_id), daemon=True,
                                       name=f"attention-{rv.group_id}")
+            old = self.loops.get(self.peers.get(rv.peer, "")) if rv.peer else None
+            if old is not None:  # replaced: it ends by itself (closed, or silent too long)
+                self.residency.drop(old[0].seqs)
+                log.info("tensor channel %s of %s replaced by %s", self.peers[rv.peer], rv.peer,
+                         rv.group_id)
             # ended channels are forgotten; the store client lives as long as its channel
             self.loops = {g: v for g, v in self.loops.items() if v[1].is_alive()}
             self.loops[rv.group_id] = (loop, thread, store)
+            if rv.peer:
+                self.peers[rv.peer] = rv.group_id
             thread.start()
             log.info("joined tensor channel %s of %s:%d (%s); %d channels; cost %.3g s/token, "
                      "%.3g s/group", rv.group_id, rv.master_addr, rv.master_port, rv.backend,
@@ -104,8 +113,11 @@ class AttentionWorker:
         try:
             loop.run()
             log.info("tensor channel %s stopped", group_id)
-        except Exception:  # noqa: BLE001 - the dense worker went away: the channel is gone
-            log.exception("tensor channel %s ended", group_id)
+        except Exception as e:  # noqa: BLE001 - the dense worker went away: the channel is gone
+            log.warning("tensor channel %s ended: %s", group_id, " ".join(str(e).split())[:200])
+        finally:  # what only it wrote is no longer anyone's (the router freed it)
+            if self.residency is not None:
+                self.residency.drop(loop.seqs)
 
     def telemetry(self) -> dict:
         loops = self.live_loops

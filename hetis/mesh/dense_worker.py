@@ -31,6 +31,7 @@ import contextlib
 import logging
 import os
 import threading
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
@@ -43,8 +44,8 @@ from hetis.engine.step import Step, StepTimes
 from hetis.mesh import wire
 from hetis.mesh.discovery import Registration, Residency
 from hetis.mesh.flags import DenseWorkerConfig, describe_device
-from hetis.mesh.tensor_path import (DENSE, PeerLost, RemoteAttention, connect_store, open_channel,
-                                    serve_store)
+from hetis.mesh.tensor_path import (DENSE, KEEPALIVE, PeerLost, RemoteAttention, connect_store,
+                                    open_channel, serve_store)
 from hetis.mesh.tp import TPBroken, TPGroup, spawn_ranks
 from hetis.model.attention import AttentionBackend, profile_attention
 from hetis.model.dense import DenseModel, parse_dtype
@@ -98,7 +99,8 @@ class DenseWorker:
             host, port = cfg.tp_store.rsplit(":", 1)
             self.store = connect_store(host, int(port), timeout=600)
         self.model = DenseModel(mc, sd, self.dtype, cfg.device)
-        self.tp = TPGroup(self.store, self.rank, cfg.tp, cfg.device) if cfg.tp > 1 else None
+        self.tp = TPGroup(self.store, self.rank, cfg.tp, cfg.device, host=cfg.advertised) \
+            if cfg.tp > 1 else None
         groups = shard(self.model, self.rank, cfg.tp, self.tp.all_reduce) if self.tp else None
         # block ids are the router's, over every group: each rank's store spans them all
         # (pages are touched only where its own groups live)
@@ -117,6 +119,26 @@ class DenseWorker:
         self.registration: Registration | None = None
         self.lost_channels: list[RemoteAttention] = []
         self.incarnation = uuid.uuid4().hex  # a restarted worker answers Info with another
+        self.last_step = time.monotonic()
+        self._closed = threading.Event()
+        threading.Thread(target=self._keepalive, daemon=True, name="keepalive").start()
+
+    def _keepalive(self) -> None:
+        """Between steps, tell idle attention workers every KEEPALIVE seconds that we are
+        here (they give up a channel silent for CHANNEL_TIMEOUT). A failure is left for the
+        next step to find (it raises PeerLost there and the router recovers)."""
+        while not self._closed.wait(KEEPALIVE / 2):
+            if time.monotonic() - self.last_step < KEEPALIVE / 2:
+                continue
+            with self.step_lock:
+                for be in list(self.executor.backends):
+                    if isinstance(be, RemoteAttention) and not getattr(be, "silent", False):
+                        try:
+                            be.keepalive()
+                        except PeerLost as e:
+                            be.silent = True
+                            log.warning("keepalive: %s", e)
+                self.last_step = time.monotonic()
 
     def register(self, port: int) -> None:
         """Announce this worker in Redis (heartbeats and telemetry follow in the background)."""
@@ -236,10 +258,12 @@ class DenseWorker:
             group_id = uuid.uuid4().hex[:12]
             # every rank's channels rendezvous in rank 0's store
             host = self.cfg.tp_store.rsplit(":", 1)[0] if self.rank else self.cfg.advertised
-            rv = wire.Rendezvous(host, self.store.port, 1, 2, backend, group_id)
+            rv = wire.Rendezvous(host, self.store.port, 1, 2, backend, group_id,
+                                 peer=f"{self.cfg.worker_id or self.cfg.advertised}/{self.incarnation}/{self.rank}")
             with ThreadPoolExecutor(1) as pool:
                 answer = pool.submit(stub.Join, wire.join_to_proto(shape, rv), timeout=180)
-                channel = open_channel(backend, self.store, group_id, DENSE, self.cfg.peer_timeout)
+                channel = open_channel(backend, self.store, group_id, DENSE, self.cfg.peer_timeout,
+                                       host=self.cfg.advertised)
                 j = answer.result()
         self.dist_backends.add(backend)
         remote = RemoteAttention(channel, mc.q_per_group, mc.head_dim, self.dtype,
@@ -273,7 +297,8 @@ class DenseWorker:
 
     def run_step(self, step: Step) -> list[int]:
         """Every rank: the step for its groups; backends lost on any rank are lost on all."""
-        with torch.inference_mode():
+        self.last_step = time.monotonic()
+        with self.step_lock, torch.inference_mode():
             toks, failed = [], {}
             try:
                 toks = self.executor.execute(step)
@@ -304,6 +329,7 @@ class DenseWorker:
                 "cost_per_token": self.cost[0], "cost_per_group": self.cost[1], "steps": self.steps}
 
     def close(self) -> None:
+        self._closed.set()
         if self.tp and self.rank == 0:
             try:
                 with self.step_lock:

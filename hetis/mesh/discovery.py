@@ -176,6 +176,11 @@ class Residency:
             for it in items:
                 self.blocks.setdefault(it.seq_id, {})[it.group] = len(it.blocks)
 
+    def drop(self, seq_ids) -> None:
+        with self._lock:
+            for s in seq_ids:
+                self.blocks.pop(s, None)
+
     @property
     def used_tokens(self) -> int:
         with self._lock:

@@ -41,14 +41,14 @@ class RedisProcess:
     """
 
     def __init__(self, port: int | None = None, dir: str | None = None,
-                 password: str | None = None):
+                 password: str | None = None, host: str = "127.0.0.1"):
         exe = shutil.which("redis-server")
         if exe is None:
             raise RuntimeError("redis-server not found on PATH: run `make install`, or install it "
                                "with your package manager (Debian/Ubuntu: apt-get install redis-server)")
         self.port = port or free_port()
         self.dir = dir or tempfile.mkdtemp(prefix="hetis-redis-")
-        args = [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir,
+        args = [exe, "--port", str(self.port), "--bind", host, "--dir", self.dir,
                 "--save", "" if dir is None else "1 1", "--appendonly", "no",
                 "--protected-mode", "yes" if password else "no", "--loglevel", "warning"]
         # the password goes in on stdin as a config line, never on the command line (ps)
@@ -60,7 +60,7 @@ class RedisProcess:
             self.proc.stdin.write(f'requirepass "{password}"\n'.encode())
             self.proc.stdin.close()
         auth = f":{password}@" if password else ""
-        self.url = f"redis://{auth}127.0.0.1:{self.port}/0"
+        self.url = f"redis://{auth}{host}:{self.port}/0"
         self._wait_ready()
 
     def _wait_ready(self, timeout: float = 10.0) -> None:

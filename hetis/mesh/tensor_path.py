@@ -29,23 +29,39 @@ from hetis.model.attention import AttentionBackend
 
 log = logging.getLogger("hetis.tensor_path")
 
-CMD_STEP, CMD_PING, CMD_STOP = 1, 2, 3
+CMD_STEP, CMD_PING, CMD_STOP, CMD_KEEPALIVE = 1, 2, 3, 4
+# An idle channel carries a keepalive every KEEPALIVE seconds; the attention worker's end
+# gives up on a channel silent for CHANNEL_TIMEOUT (its dense worker died or is cut off),
+# so a channel never outlives its use on either side.
+KEEPALIVE, CHANNEL_TIMEOUT = 5.0, 60.0
 DENSE, ATTN = 0, 1  # ranks in a channel
 
 
+def gloo_options(timeout: float, host: str | None) -> "dist.ProcessGroupGloo._Options":
+    """Gloo options whose device binds ``host`` (the address this service advertises),
+    so the peer connects to that address and never to whatever the machine's host name
+    resolves to (often 127.0.0.1, or an interface the peer cannot reach)."""
+    opts = dist.ProcessGroupGloo._Options()
+    opts._timeout = datetime.timedelta(seconds=timeout)
+    opts._devices = [dist.ProcessGroupGloo.create_device(hostname=host) if host
+                     else dist.ProcessGroupGloo.create_default_device()]
+    return opts
+
+
 def open_channel(backend: str, store: dist.Store, group_id: str, rank: int,
-                 timeout: float) -> dist.ProcessGroup:
+                 timeout: float, host: str | None = None) -> dist.ProcessGroup:
     """The two-rank process group of one (dense, attention) pair; blocks until both ends
-    are there. ``store`` is the dense worker's TCPStore (master there, client here)."""
+    are there. ``store`` is the dense worker's TCPStore (master there, client here);
+    ``host``: the address this end advertises, which gloo binds (NCCL picks its own
+    interface: ``NCCL_SOCKET_IFNAME``, docs/deploy.md)."""
     prefixed = dist.PrefixStore(f"hetis/{group_id}", store)
-    td = datetime.timedelta(seconds=timeout)
     if backend == "nccl":
         opts = dist.ProcessGroupNCCL.Options()
-        opts._timeout = td
+        opts._timeout = datetime.timedelta(seconds=timeout)
         return dist.ProcessGroupNCCL(prefixed, rank, 2, opts)
     if backend != "gloo":
         raise ValueError(f"backend: must be 'gloo' or 'nccl' (got {backend!r})")
-    return dist.ProcessGroupGloo(prefixed, rank, 2, td)
+    return dist.ProcessGroupGloo(prefixed, rank, 2, gloo_options(timeout, host))
 
 
 def serve_store(port: int) -> dist.TCPStore:
@@ -177,6 +193,12 @@ class RemoteAttention:
         self.channel.send([torch.tensor([CMD_STOP, 0], dtype=torch.int64, device=self.comm_device)],
                           ATTN, 0).wait()
 
+    @_guarded
+    def keepalive(self) -> None:
+        """Tell an idle worker we are here (call between steps)."""
+        self.channel.send([torch.tensor([CMD_KEEPALIVE, 0], dtype=torch.int64,
+                                        device=self.comm_device)], ATTN, 0).wait()
+
 
 class AttentionLoop:
     """The attention worker's side: serve steps from rank 0 until told to stop.
@@ -198,6 +220,7 @@ class AttentionLoop:
         self.last_seen = time.monotonic()  # when the dense worker last sent a command
         self.alpha = alpha
         self.attn_seconds = 0.0
+        self.seqs: set[int] = set()  # sequences this channel wrote (dropped from residency at its end)
 
     def _recv(self, shape, dtype) -> torch.Tensor:
         t = torch.empty(shape, dtype=dtype, device=self.comm_device)
@@ -216,11 +239,15 @@ class AttentionLoop:
             self.last_seen = time.monotonic()
             if cmd == CMD_STOP:
                 return
+            if cmd == CMD_KEEPALIVE:
+                continue
             if cmd == CMD_PING:
                 self._send(self._recv(n, torch.float32))
                 continue
             items, freed = decode_layout(self._recv(n, torch.int64).cpu())
             self.residency.update(items, freed)
+            self.seqs.difference_update(freed)
+            self.seqs.update(it.seq_id for it in items)
             if not items:
                 continue
             be.begin_step(items)

@@ -77,11 +77,12 @@ class TPGroup:
     """The K ranks of one dense worker: a control group and a data group."""
 
     def __init__(self, store: dist.Store, rank: int, world: int, device: str,
-                 timeout: float = 600.0):
+                 timeout: float = 600.0, host: str | None = None):
+        from hetis.mesh.tensor_path import gloo_options
         td = datetime.timedelta(seconds=timeout)
         self.rank, self.world = rank, world
         self.control = dist.ProcessGroupGloo(dist.PrefixStore("hetis/tp/control", store), rank,
-                                             world, td)
+                                             world, gloo_options(timeout, host))
         if device.startswith("cuda"):
             opts = dist.ProcessGroupNCCL.Options()
             opts._timeout = td
@@ -89,7 +90,7 @@ class TPGroup:
                                               world, opts)
         else:
             self.data = dist.ProcessGroupGloo(dist.PrefixStore("hetis/tp/data", store), rank,
-                                              world, td)
+                                              world, gloo_options(timeout, host))
 
     @_guard
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:

@@ -323,12 +323,13 @@ class Rendezvous:
     world_size: int
     backend: str        # "gloo" | "nccl"
     group_id: str
+    peer: str = ""      # the joining end (dense worker id/incarnation/rank): a new one replaces
 
 
 def join_to_proto(shape: AttentionShape, rv: Rendezvous) -> wpb.JoinRequest:
     return wpb.JoinRequest(master_addr=rv.master_addr, master_port=rv.master_port, rank=rv.rank,
                            world_size=rv.world_size, backend=rv.backend, group_id=rv.group_id,
-                           num_layers=shape.num_layers, q_per_group=shape.q_per_group,
+                           peer=rv.peer, num_layers=shape.num_layers, q_per_group=shape.q_per_group,
                            head_dim=shape.head_dim, block_size=shape.block_size, dtype=shape.dtype)
 
 
@@ -342,7 +343,7 @@ def join_from_proto(req: wpb.JoinRequest) -> tuple[AttentionShape, Rendezvous]:
             raise ParamError(f, "must be positive")
     return (AttentionShape(req.num_layers, req.q_per_group, req.head_dim, req.block_size, req.dtype),
             Rendezvous(req.master_addr, req.master_port, req.rank, req.world_size, req.backend,
-                       req.group_id))
+                       req.group_id, req.peer))
 
 
 @dataclass

@@ -143,7 +143,7 @@ class ConnectRequest(_message.Message):
     def __init__(self, attn_addresses: _Optional[_Iterable[str]] = ..., renew: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
-    __slots__ = ("master_addr", "master_port", "rank", "world_size", "backend", "num_layers", "q_per_group", "head_dim", "block_size", "dtype", "group_id")
+    __slots__ = ("master_addr", "master_port", "rank", "world_size", "backend", "num_layers", "q_per_group", "head_dim", "block_size", "dtype", "group_id", "peer")
     MASTER_ADDR_FIELD_NUMBER: _ClassVar[int]
     MASTER_PORT_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
@@ -155,6 +155,7 @@ class JoinRequest(_message.Message):
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     GROUP_ID_FIELD_NUMBER: _ClassVar[int]
+    PEER_FIELD_NUMBER: _ClassVar[int]
     master_addr: str
     master_port: int
     rank: int
@@ -166,7 +167,8 @@ class JoinRequest(_message.Message):
     block_size: int
     dtype: str
     group_id: str
-    def __init__(self, master_addr: _Optional[str] = ..., master_port: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., backend: _Optional[str] = ..., num_layers: _Optional[int] = ..., q_per_group: _Optional[int] = ..., head_dim: _Optional[int] = ..., block_size: _Optional[int] = ..., dtype: _Optional[str] = ..., group_id: _Optional[str] = ...) -> None: ...
+    peer: str
+    def __init__(self, master_addr: _Optional[str] = ..., master_port: _Optional[int] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., backend: _Optional[str] = ..., num_layers: _Optional[int] = ..., q_per_group: _Optional[int] = ..., head_dim: _Optional[int] = ..., block_size: _Optional[int] = ..., dtype: _Optional[str] = ..., group_id: _Optional[str] = ..., peer: _Optional[str] = ...) -> None: ...
 
 class JoinResponse(_message.Message):
     __slots__ = ("id", "kv_tokens", "device")
