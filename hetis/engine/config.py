@@ -17,3 +17,6 @@ class EngineConfig:
     max_num_batched_tokens: int = 1024
     max_model_len: int = 2048
     kv_tokens: int | None = None
+    # test-only: every N steps of an instance, move one head group of a running sequence
+    # to another device (live migration exercised without a policy); 0: never
+    migrate_every: int = 0

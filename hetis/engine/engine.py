@@ -24,6 +24,7 @@ from hetis.engine.block_manager import BlockManager
 from hetis.engine.config import EngineConfig
 from hetis.engine.detokenize import TextStream
 from hetis.engine.dispatcher import Device, Dispatcher
+from hetis.engine import migration
 from hetis.engine.instance import Instance, Planned, pick_instance
 from hetis.engine.sampling import SamplingParams
 from hetis.engine.scheduler import Scheduler
@@ -75,6 +76,8 @@ class Engine:
         self._text: dict[int, TextStream] = {}
         self._inflight: dict[int, int] = {}       # step id -> instance index
         self._next_step = 0
+        self.migrations = self.migrated_bytes = 0  # head-group moves done (cumulative)
+        self.kv_token_bytes = 0                    # KV bytes of one token of one group (all layers)
         self.add_instance(name, executor, local=0)  # instance 0 reaches every device
 
     @property
@@ -230,18 +233,22 @@ class Engine:
         has nothing to do; outputs of sequences refused as never fitting). A step with no
         chunks only carries freed sequence ids. Close it with :meth:`end_step`."""
         inst = self.instances[index]
+        every = self.cfg.migrate_every
+        if every and inst.steps and inst.steps % every == 0:
+            migration.force_one(self, index)
         chunks = inst.scheduler.schedule()
         # sequences the scheduler gave up on (they can never fit) surface as finished
         outs = [StepOutput.of(s, [], "") for s in inst.scheduler.rejected]
         inst.scheduler.rejected.clear()
         freed, inst.scheduler.freed = inst.scheduler.freed, []
-        if not chunks and not freed:
+        moves, carried = migration.take(inst)
+        if not chunks and not freed and not moves:
             return None, outs
         step = Step([StepChunk(c.seq.seq_id, c.start, c.seq.tokens(c.start, c.start + c.num_new),
                                c.sample, c.seq.params) for c in chunks],
-                    inst.scheduler.items(chunks), freed)
+                    inst.scheduler.items(chunks), freed, moves)
         planned = Planned(index, inst, self._next_step, step, chunks,
-                          [c.seq.num_preemptions for c in chunks], time.monotonic())
+                          [c.seq.num_preemptions for c in chunks], time.monotonic(), carried)
         self._next_step += 1
         self._inflight[planned.step_id] = index
         self._fence()
@@ -253,6 +260,7 @@ class Engine:
         del self._inflight[planned.step_id]
         self._fence()
         inst = planned.owner
+        migration.settle(self, inst, planned.carried, ok=tokens is not None)
         if tokens is None:
             return []
         if planned.chunks:
@@ -371,6 +379,8 @@ def build_engine(executor, tokenizer: Tokenizer, model: ModelConfig, cfg: Engine
     row_bytes = (2 * model.q_per_group + 2) * model.head_dim * kv_bytes
     dispatcher = Dispatcher(devices, model.num_groups, model.num_layers, cfg.block_size,
                             cfg.max_model_len, row_bytes, policy=policy, pinned=pinned)
-    return Engine(executor, tokenizer, managers, cfg, dispatcher,
-                  eos_token_ids=model.eos_token_ids, vocab_size=model.vocab_size,
-                  detokenize=detokenize)
+    engine = Engine(executor, tokenizer, managers, cfg, dispatcher,
+                    eos_token_ids=model.eos_token_ids, vocab_size=model.vocab_size,
+                    detokenize=detokenize)
+    engine.kv_token_bytes = 2 * model.head_dim * kv_bytes * model.num_layers
+    return engine

@@ -43,6 +43,7 @@ class Instance:
     steps: int = 0                  # steps executed (cumulative)
     step_s: float | None = None     # EWMA of its step time, seconds
     busy: bool = False              # a step is in flight (the serving loop's business)
+    moves: list = field(default_factory=list)  # planned head-group moves (migration.py)
 
     def observe(self, seconds: float, alpha: float = 0.2) -> None:
         self.steps += 1
@@ -59,6 +60,7 @@ class Planned:
     chunks: list[Chunk]
     preemptions: list[int] = field(default_factory=list)  # each chunk's seq.num_preemptions
     started: float = 0.0
+    carried: list = field(default_factory=list)  # the moves it carries (migration.take)
 
 
 class NoInstance(RuntimeError):

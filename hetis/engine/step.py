@@ -3,8 +3,9 @@
 As vLLM's ``SchedulerOutput``, a step says everything an executor needs and
 nothing it must look up: which tokens of which sequences to compute
 (``chunks``), which attention work each backend does for them (``work``:
-backend b's ``AttnItem`` list, item-major in chunk order), and which
-sequences' KV was freed since the last step (``freed``: backends drop them).
+backend b's ``AttnItem`` list, item-major in chunk order), which sequences'
+KV was freed since the last step (``freed``: backends drop them), and which
+head groups' KV moves to another backend first (``moves``).
 ``hetis.LLM`` hands it to an in-process executor; the router sends it to a
 dense worker as one ``StepRequest`` (hetis/mesh/wire.py converts both ways).
 
@@ -30,6 +31,20 @@ class AttnItem:
 
 
 @dataclass
+class KVMove:
+    """One (sequence, head group)'s cached KV moved from backend ``src`` to ``dst`` at the
+    start of a step, before its attention: ``num_tokens`` tokens, from ``src_blocks`` into
+    ``dst_blocks`` (live migration of head groups; the step's items already use ``dst``)."""
+    seq_id: int
+    group: int
+    src: int
+    dst: int
+    num_tokens: int
+    src_blocks: list[int]
+    dst_blocks: list[int]
+
+
+@dataclass
 class StepChunk:
     """One sequence's share of a step: tokens [start, start + len(token_ids))."""
     seq_id: int
@@ -44,6 +59,7 @@ class Step:
     chunks: list[StepChunk]
     work: list[list[AttnItem]]        # per backend
     freed: list[int] = field(default_factory=list)
+    moves: list[KVMove] = field(default_factory=list)  # done first, in order
 
     @property
     def num_tokens(self) -> int:

@@ -75,6 +75,21 @@ class Executor:
         self.last_times.total = time.perf_counter() - t0
         return toks
 
+    def _move(self, moves) -> None:
+        """Copy migrating head groups' KV between backends, before the step's attention
+        (hetis/engine/migration.py). In-process backends only: over the mesh the copies go
+        on the tensor channels (not built yet; the router plans no moves)."""
+        for m in moves:
+            if m.group not in self.groups:
+                continue
+            src, dst = self.backends[m.src], self.backends[m.dst]
+            if getattr(src, "remote", False) or getattr(dst, "remote", False) \
+                    or not hasattr(src, "store") or not hasattr(dst, "store"):
+                raise ValueError(f"moves: backend {m.src} -> {m.dst} cannot copy KV here "
+                                 "(remote migration is not built)")
+            k, v = src.store.export(m.src_blocks, m.num_tokens)
+            dst.store.import_(m.dst_blocks, k, v)
+
     def forward(self, step: Step) -> torch.Tensor:
         """Run the step; float32 logits of the chunks with ``sample``, in order. A remote
         backend that fails is left out for the rest of the step, which still runs to its
@@ -82,6 +97,7 @@ class Executor:
         chunks, items, freed = step.chunks, step.work, step.freed
         if self.partial:  # a TP rank's share
             items = [[it for it in its if it.group in self.groups] for its in items]
+        self._move(step.moves)
         failed: dict[int, BaseException] = {}
 
         def remote(b, op, *args):
