@@ -20,7 +20,6 @@ import argparse
 import datetime
 import json
 import multiprocessing as mp
-import pathlib
 import tempfile
 import time
 

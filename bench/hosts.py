@@ -5,7 +5,7 @@
 Host A (this network namespace: Redis, router, dense worker) and host B (a network
 namespace: two attention workers) are joined by a veth link shaped with tc tbf
 (tests/helpers/hosts.py). For each link rate (1 Gbit/s, 100 Mbit/s), with the
-dispatcher's own policy (hetis):
+dispatcher's own policy (hetis), then with round-robin:
 
 - the link the dense worker measured to each attention worker (latency, bandwidth);
 - the share of head groups placed on host B (sampled from the router's status
@@ -14,6 +14,9 @@ dispatcher's own policy (hetis):
 - the dispatcher's predicted attention time per step of the slowest host-B worker
   (its load: compute + latency + transfer) against the measured wait on the
   attention workers per step (the router's step breakdown, same window).
+
+The same with round-robin dispatch, which puts groups on host B whatever the link
+costs, so the prediction is compared on real traffic.
 
 Then, at 1 Gbit/s with round-robin (so host B holds groups of every stream), 8
 streams run and B is cut off: the time from the cut to the first token any
@@ -50,10 +53,10 @@ def _sample(target: str, stop: threading.Event, out: list) -> None:
             time.sleep(0.25)
 
 
-def placement_run(rate: str, requests: int, output_len: int) -> dict:
+def placement_run(rate: str, requests: int, output_len: int, policy: str = "hetis") -> dict:
     hosts = HostPair(rate=rate)
     try:
-        mesh = Across(hosts, policy="hetis")
+        mesh = Across(hosts, policy=policy)
         try:
             with Client(mesh.target) as c:
                 st0 = c.cluster_status()
@@ -86,7 +89,7 @@ def placement_run(rate: str, requests: int, output_len: int) -> dict:
     first, last = (busy[0], busy[-1]) if len(busy) > 1 else (st0, st0)
     dsteps = last["steps"]["steps"] - first["steps"]["steps"]
     dwait = last["steps"]["exchange_wait_s"] - first["steps"]["exchange_wait_s"]
-    return {"rate": rate, "links": links, "output_tok_s": r["output_throughput"],
+    return {"rate": rate, "policy": policy, "links": links, "output_tok_s": r["output_throughput"],
             "completed": r["completed"], "groups_on_host_b_share": on_b / max(total, 1),
             "predicted_remote_step_s": sum(loads) / len(loads) if loads else 0.0,
             "measured_exchange_wait_per_step_s": dwait / max(dsteps, 1), "samples": len(samples)}
@@ -148,7 +151,8 @@ def main(argv=None) -> int:
     res = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "machine": f"{cpu}, {mp.cpu_count()} cores, torch CPU capability "
                       f"{torch.backends.cpu.get_cpu_capability()}",
-           "runs": [placement_run(rate, args.requests, args.output_len) for rate in ("1gbit", "100mbit")]}
+           "runs": [placement_run(rate, args.requests, args.output_len, policy)
+                    for policy in ("hetis", "round-robin") for rate in ("1gbit", "100mbit")]}
     base = tok.encode("The history of the printing press begins in the fifteenth century, when ")
     res["recovery"] = recovery_run([base[: 4 + i] for i in range(8)])
     OUT.mkdir(parents=True, exist_ok=True)
@@ -158,7 +162,7 @@ def main(argv=None) -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    names = [r["rate"] for r in res["runs"]]
+    names = [f"{r['rate']}\n{r['policy']}" for r in res["runs"]]
     a.bar(names, [100 * r["groups_on_host_b_share"] for r in res["runs"]])
     a.set_ylabel("head groups on host B, %")
     a.set_title("placement by link rate (policy hetis)")

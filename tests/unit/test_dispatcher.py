@@ -66,6 +66,19 @@ def test_remote_latency_keeps_light_load_local_and_spills_under_load():
     assert counts(heavy, 2)[1] > 0
 
 
+def test_a_slower_link_gets_fewer_groups():
+    """The links bench/hosts.py measured through tc tbf (about 160 us of latency; 1 Gbit/s
+    and 100 Mbit/s), a loaded primary: the 100 Mbit/s host gets fewer groups."""
+    def remote_share(bandwidth):
+        devs = [Device("dense", 10 ** 6, cost_per_token=1e-6),
+                Device("attn", 10 ** 6, cost_per_token=1e-6, remote=True, latency=1.6e-4,
+                       bandwidth=bandwidth)]
+        c = counts(fill(make(devs, groups=3), 40, prompt_len=500), 2)
+        return c[1] / sum(c)
+    fast, slow = remote_share(0.13e9), remote_share(0.013e9)
+    assert 0 < slow < fast
+
+
 @pytest.mark.parametrize("policy", ["hetis", "round-robin", "local-only"])
 def test_no_device_is_ever_over_committed(policy):
     rng = random.Random(0)
