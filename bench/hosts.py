@@ -165,7 +165,7 @@ def main(argv=None) -> int:
     names = [f"{r['rate']}\n{r['policy']}" for r in res["runs"]]
     a.bar(names, [100 * r["groups_on_host_b_share"] for r in res["runs"]])
     a.set_ylabel("head groups on host B, %")
-    a.set_title("placement by link rate (policy hetis)")
+    a.set_title("placement by link rate and policy")
     b.bar(names, [r["output_tok_s"] for r in res["runs"]])
     b.set_ylabel("output tok/s")
     b.set_title(f"{args.requests} requests, 256 prompt / {args.output_len} output tokens")
