@@ -143,7 +143,10 @@ class Engine:
                 self.instances[to].scheduler.waiting.appendleft(seq)
 
     def _busy(self) -> bool:
-        return any(i.scheduler.running for i in self.instances)
+        """Something will free memory: a running sequence anywhere, a step in flight, or
+        blocks waiting on a fence (a sequence moved off a lost instance waits for them)."""
+        return (any(i.scheduler.running for i in self.instances) or bool(self._inflight)
+                or any(m.deferred for m in self.managers))
 
     def _pick(self, seq: Sequence) -> int:
         c = self.cfg
@@ -317,6 +320,11 @@ class Engine:
             self.dispatcher.devices.append(device)
             self.managers.append(manager)
             return len(self.managers) - 1
+        # blocks still fenced on the old one may be written by a step in flight: keep them so
+        held = {b for _, blocks in self.managers[index].deferred for b in blocks}
+        if held:
+            manager.free_blocks = [b for b in manager.free_blocks if b not in held]
+            manager.deferred = list(self.managers[index].deferred)
         self.dispatcher.devices[index] = device
         self.managers[index] = manager
         return index

@@ -42,7 +42,6 @@ class Instance:
     lost: bool = False
     steps: int = 0                  # steps executed (cumulative)
     step_s: float | None = None     # EWMA of its step time, seconds
-    busy: bool = False              # a step is in flight (the serving loop's business)
     moves: list = field(default_factory=list)  # planned head-group moves (migration.py)
 
     def observe(self, seconds: float, alpha: float = 0.2) -> None:

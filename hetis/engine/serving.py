@@ -75,7 +75,8 @@ class QueueFull(Exception):
 
 
 class ServingLoop:
-    """Runs ``engine.step()`` in a loop; requests come and go through queues."""
+    """Steps every instance of an engine on its own thread, opened and closed on the loop
+    thread (``begin_step``/``end_step``); requests come and go through queues."""
 
     def __init__(self, engine: Engine, max_queue: int):
         self.engine, self.max_queue = engine, max_queue

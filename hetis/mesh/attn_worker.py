@@ -8,10 +8,9 @@ serves its steps on a thread of its own
 (:class:`~hetis.mesh.tensor_path.AttentionLoop`) until the channel stops.
 Several dense workers (serving instances) share one attention worker this
 way: their loops write one KV store, whose blocks the router hands out under
-one accounting, so no two loops ever touch the same block. A channel waits
-for the next step as long as it must (an idle mesh is fine); when its dense
-worker goes away the channel closes and its thread ends, and a restarted
-dense worker simply joins again. A ``Join`` whose shape differs from the
+one accounting, so no two loops ever touch the same block. When a channel's
+dense worker goes away the channel closes and its thread ends, and a
+restarted dense worker simply joins again. A ``Join`` whose shape differs from the
 store's (another model) is refused.
 """
 from __future__ import annotations
@@ -86,14 +85,17 @@ class AttentionWorker:
             backend = AttentionBackend(shape.num_layers, 0, shape.block_size, shape.head_dim,
                                        shape.q_per_group, DTYPES[shape.dtype], self.device,
                                        store=self.kv)
-            store = connect_store(rv.master_addr, rv.master_port, timeout=120)
-            channel = open_channel(rv.backend, store, rv.group_id, ATTN, CHANNEL_TIMEOUT,
-                                   host=self.cfg.advertised)
-            comm = "cuda" if rv.backend == "nccl" else "cpu"
-            loop = AttentionLoop(backend, channel, shape.num_layers, self.cost, comm_device=comm,
-                                 residency=self.residency)
-            thread = threading.Thread(target=self._run, args=(loop, rv.group_id), daemon=True,
-                                      name=f"attention-{rv.group_id}")
+        # the rendezvous blocks until the dense worker's end is there: not under the lock, so a
+        # rendezvous its dense worker gave up on never holds up the others' joins
+        store = connect_store(rv.master_addr, rv.master_port, timeout=120)
+        channel = open_channel(rv.backend, store, rv.group_id, ATTN, CHANNEL_TIMEOUT,
+                               host=self.cfg.advertised)
+        comm = "cuda" if rv.backend == "nccl" else "cpu"
+        loop = AttentionLoop(backend, channel, shape.num_layers, self.cost, comm_device=comm,
+                             residency=self.residency)
+        thread = threading.Thread(target=self._run, args=(loop, rv.group_id), daemon=True,
+                                  name=f"attention-{rv.group_id}")
+        with self.lock:
             old = self.loops.get(self.peers.get(rv.peer, "")) if rv.peer else None
             if old is not None:  # replaced: it ends by itself (closed, or silent too long)
                 self.residency.drop(old[0].seqs)

@@ -69,6 +69,10 @@ class BackendsLost(RuntimeError):
         super().__init__(message)
 
 
+class StepAbandoned(RuntimeError):
+    """The caller of a step is gone by the time the worker could run it."""
+
+
 class LostBackend:
     """Stands where a lost attention worker was, so backend indices stay the router's."""
 
@@ -173,6 +177,10 @@ class DenseWorker:
             renew = tuple(a for a in renew if a in addrs)
             live = {p.address for p in self.peers if not p.lost} - set(renew)
             todo = [a for a in dict.fromkeys(addrs) if a not in live]
+            unreachable = []
+            if self.tp:  # the ranks join under the step lock: only workers that answer now
+                unreachable = [f"{a}: {why}" for a in todo if (why := self._probe(a))]
+                todo = [a for a in todo if not any(u.startswith(f"{a}: ") for u in unreachable)]
             lost = [i for i, p in enumerate(self.peers) if p.lost or p.address in renew]
             plan, n = [], len(self.peers)
             for addr in todo:  # a lost slot is reused: the same address first, else the first
@@ -189,9 +197,19 @@ class DenseWorker:
                     errors = self.apply_connect(plan, renew)
                 except TPBroken as e:
                     self.abandon(e)
-            if todo and len(errors) == len(todo):
+            errors += unreachable
+            if errors and len(errors) == len(todo) + len(unreachable):
                 raise ConnectFailed("; ".join(errors))
             return self.info()
+
+    def _probe(self, addr: str) -> str | None:
+        """None when the attention worker at ``addr`` answers Stats within 5 s, else why not."""
+        try:
+            with self.cfg.security.internal_channel(addr) as ch:
+                worker_pb2_grpc.AttentionWorkerStub(ch).Stats(worker_pb2.StatsRequest(), timeout=5)
+            return None
+        except grpc.RpcError as e:
+            return e.details() or e.code().name
 
     def apply_connect(self, plan: list[tuple[str, int]], renew: tuple[str, ...]) -> list[str]:
         """Every rank: drop ``renew``, join each (address, backend slot) of ``plan``, agree
@@ -276,9 +294,12 @@ class DenseWorker:
     def num_backends(self) -> int:
         return len(self.executor.backends)
 
-    def execute(self, step: Step) -> tuple[list[int], StepTimes]:
-        """Run one step; IndexError/ValueError mean a layout that does not fit this worker."""
+    def execute(self, step: Step, still_wanted=lambda: True) -> tuple[list[int], StepTimes]:
+        """Run one step; IndexError/ValueError mean a layout that does not fit this worker;
+        StepAbandoned when ``still_wanted()`` is false once the step lock is ours."""
         with self.step_lock, torch.inference_mode():
+            if not still_wanted():
+                raise StepAbandoned("its caller gave up waiting; not run")
             self.residency.update(step.work[0], step.freed)
             try:
                 if self.tp:
@@ -299,11 +320,22 @@ class DenseWorker:
         """Every rank: the step for its groups; backends lost on any rank are lost on all."""
         self.last_step = time.monotonic()
         with self.step_lock, torch.inference_mode():
+            if self.tp:  # refused on every rank or on none, before any collective
+                mine = self.executor.groups
+                bad = any(isinstance(be, LostBackend) and any(it.group in mine for it in its)
+                          for be, its in zip(self.executor.backends, step.work))
+                if self.tp.any_of([bad])[0]:
+                    raise ValueError("work: items for a lost attention worker's backend; place "
+                                     "nothing there")
             toks, failed = [], {}
             try:
                 toks = self.executor.execute(step)
             except RemoteFailed as e:
                 failed = e.failed
+            except Exception as e:
+                if self.tp:  # this rank left the step midway: the ranks' collectives diverge
+                    raise TPBroken(f"rank {self.rank}: step failed: {type(e).__name__}: {e}") from e
+                raise
             if self.tp:
                 agreed = self.tp.any_of([b in failed for b in range(len(self.executor.backends))])
                 failed = {b: failed.get(b, "lost on another rank") for b, f in enumerate(agreed) if f}

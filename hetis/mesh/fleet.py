@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import grpc
 from prometheus_client import Counter
@@ -57,8 +57,8 @@ class StepStats:
             STEP_TIME.labels(part).inc(v)
 
     def __iadd__(self, o: "StepStats") -> "StepStats":
-        for f in ("steps", "rpc_s", "dense_total_s", "dense_s", "local_attn_s", "exchange_wait_s"):
-            setattr(self, f, getattr(self, f) + getattr(o, f))
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(o, f.name))
         return self
 
 
@@ -73,18 +73,26 @@ class RemoteExecutor:
         self.stub, self.name, self.timeout = stub, name, timeout
         self.stats = StepStats()
         self.last_times = StepTimes()
-        self.backend_of: dict[int, int] = {0: 0}  # engine device -> this worker's backend
-        self.num_backends = 1
+        # (engine device -> this worker's backend, its number of backends): swapped whole
+        self.mapping: tuple[dict[int, int], int] = ({0: 0}, 1)
         self._step_id = 0
+
+    @property
+    def backend_of(self) -> dict[int, int]:
+        return self.mapping[0]
 
     def execute(self, step: Step) -> list[int]:
         self._step_id += 1
-        backend_of, n = self.backend_of, self.num_backends  # swapped whole by Fleet.sync
+        if step.moves:  # the router plans none yet; never drop one silently
+            raise StepFailed(f"dense worker {self.name}: head-group moves are not supported over "
+                             "the mesh yet")
+        backend_of, n = self.mapping  # swapped whole by Fleet.sync
         work = [[] for _ in range(n)]
         for d, items in enumerate(step.work):
             if items:
-                if d not in backend_of:
-                    raise StepFailed(f"dense worker {self.name}: device {d} is not one of its backends")
+                if d not in backend_of:  # left its reach meanwhile: recover what lives there
+                    raise DevicesLost([d], f"dense worker {self.name}: device {d} is not one "
+                                      "of its backends")
                 work[backend_of[d]] = items
         t0 = time.perf_counter()
         try:
@@ -163,13 +171,17 @@ class Fleet:
         it has joined anew revived); its instance then reaches exactly those."""
         h.renew -= set(renewed)
         backend_of = {h.local: 0}
+        devs = eng.dispatcher.devices
         for b, p in enumerate(info.peers, start=1):
-            if p.lost or p.id in h.renew or p.id in self.gone:
+            if p.lost or p.id in h.renew:
+                continue
+            live = p.id in self.device_ids and not devs[self.device_ids.index(p.id)].lost
+            if p.id in self.gone and not live:  # draining or dead: never (re)enters dispatch
                 continue
             d = self._attention_device(eng, p, info.block_size)
             if d is not None:
                 backend_of[d] = b
-        h.executor.backend_of, h.executor.num_backends = backend_of, len(info.peers) + 1
+        h.executor.mapping = (backend_of, len(info.peers) + 1)
         eng.instances[h.index].reach = set(backend_of)
 
     def _attention_device(self, eng: Engine, p, block_size: int) -> int | None:
@@ -198,14 +210,14 @@ class Fleet:
         """Devices the engine lost leave every instance's reach; the dense workers that had a
         channel to them must renew it before they are used again."""
         devs = eng.dispatcher.devices
-        for h in self.dense.values():
+        for h in list(self.dense.values()):
             if h.lost:
                 continue
             gone = [d for d in h.executor.backend_of if d != h.local and devs[d].lost]
             if gone:
                 h.renew |= {self.device_ids[d] for d in gone}
-                h.executor.backend_of = {d: b for d, b in h.executor.backend_of.items()
-                                         if d not in gone}
+                backend_of, n = h.executor.mapping
+                h.executor.mapping = ({d: b for d, b in backend_of.items() if d not in gone}, n)
                 eng.instances[h.index].reach = set(h.executor.backend_of)
 
     def lose(self, eng: Engine, h: DenseHandle) -> int:
@@ -221,6 +233,6 @@ class Fleet:
 
     def stats(self) -> StepStats:
         total = StepStats()
-        for h in self.dense.values():
+        for h in list(self.dense.values()):
             total += h.executor.stats
         return total

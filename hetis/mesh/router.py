@@ -54,6 +54,10 @@ from hetis.v1 import worker_pb2, worker_pb2_grpc
 log = logging.getLogger("hetis.router")
 
 
+class ModelMismatch(RuntimeError):
+    """A dense worker serves another model than the router's."""
+
+
 def _wait(what: str, fn, timeout: float, interval: float = 0.5):
     deadline = time.monotonic() + timeout
     last = None
@@ -91,8 +95,11 @@ class Router:
     # ------------------------------------------------------------ start-up
     def start(self) -> "Router":
         cfg = self.cfg
-        dense = _wait(f"{cfg.dense_workers} dense worker(s)", self._answering_dense,
-                      cfg.startup_timeout)[:max(cfg.dense_workers, 1)]
+        try:
+            dense = _wait(f"{cfg.dense_workers} dense worker(s)", self._answering_dense,
+                          cfg.startup_timeout)[:max(cfg.dense_workers, 1)]
+        except ModelMismatch as e:
+            raise SystemExit(f"router: {e}") from None
         self._first_info = first = dense[0][1]
         for h, info in dense[1:]:
             if (info.block_size, info.dtype, info.model) != (first.block_size, first.dtype, first.model):
@@ -132,13 +139,13 @@ class Router:
         mc = self.model_cfg
         if (info.num_layers, info.num_kv_heads) != (mc.num_layers, mc.num_kv_heads):
             channel.close()
-            raise SystemExit(f"router: --model differs from the model of dense worker {info.id} "
-                             f"at {address}")
-        if self.engine is not None and (info.block_size, info.dtype) != \
-                (self.engine.cfg.block_size, self.dtype):
+            raise ModelMismatch(f"--model differs from the model of dense worker {info.id} "
+                                f"at {address}")
+        if self.engine is not None and (info.block_size, info.dtype, info.model) != \
+                (self.engine.cfg.block_size, self.dtype, self.model_name):
             channel.close()
-            log.error("dense worker %s at %s is not like the others (block size %d, %s): left out",
-                      info.id, address, info.block_size, info.dtype)
+            log.error("dense worker %s at %s is not like the others (%s, block size %d, %s): "
+                      "left out", info.id, address, info.model, info.block_size, info.dtype)
             return None
         return self.fleet.handle(info.id, address, channel, info.incarnation), info
 
@@ -186,6 +193,8 @@ class Router:
                 continue
             try:
                 self._membership(r, by_id)
+            except ModelMismatch as e:
+                log.error("membership: %s: left out", e)
             except Exception:  # noqa: BLE001 - the next round tries again
                 log.exception("membership round failed")
 
@@ -230,11 +239,16 @@ class Router:
                 log.error("dense worker %s at %s is not answering: %d sequences move to the other "
                           "instances", h.wid, h.address, n)
             return
+        inst = self.engine.instances[h.index]
+        if inst.name == h.wid and inst.lost and not h.lost:
+            h.lost = True  # lost through a failed step (the serving loop dropped it)
         if info.incarnation == h.incarnation and not h.lost:
             return
         if not h.lost:
             n = self.loop.call(lambda eng: self.fleet.lose(eng, h))
             log.warning("dense worker %s restarted: its %d sequences are recomputed", h.wid, n)
+        # it answers again (restarted, or back after a failed step): a fresh instance in its
+        # slot, which adopts what waited for it
         self.fleet.dense.pop(h.wid, None)
         h.channel.close()
         self._attach_new(h.address, {})

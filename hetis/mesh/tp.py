@@ -145,16 +145,20 @@ def follow(cfg) -> None:
     worker = DenseWorker(cfg)
     log.info("tensor-parallel rank %d of %d ready (groups %s)", cfg.tp_rank, cfg.tp,
              list(worker.executor.groups))
+    from hetis.mesh.dense_worker import BackendsLost
     try:
         while True:
             cmd = worker.tp.broadcast()
-            if cmd[0] == "step":
-                worker.run_step(cmd[1])
-            elif cmd[0] == "connect":
-                worker.apply_connect(cmd[1], cmd[2])
-            elif cmd[0] == "stop":
-                break
-    except Exception as e:  # noqa: BLE001 - rank 0 is gone: so are we
+            try:
+                if cmd[0] == "step":
+                    worker.run_step(cmd[1])
+                elif cmd[0] == "connect":
+                    worker.apply_connect(cmd[1], cmd[2])
+                elif cmd[0] == "stop":
+                    break
+            except (BackendsLost, ValueError) as e:  # agreed by every rank: rank 0 reports it
+                log.info("tensor-parallel rank %d: %s", cfg.tp_rank, e)
+    except Exception as e:  # noqa: BLE001 - the group is broken (rank 0 gone): so are we
         log.error("tensor-parallel rank %d stops: %s", cfg.tp_rank, e)
     finally:
         worker.close()

@@ -7,7 +7,7 @@ import grpc
 from prometheus_client import Counter, Histogram
 
 from hetis.mesh import wire
-from hetis.mesh.dense_worker import BackendsLost, ConnectFailed, DenseWorker
+from hetis.mesh.dense_worker import BackendsLost, ConnectFailed, DenseWorker, StepAbandoned
 from hetis.mesh.flags import DenseWorkerConfig, apply_threads, check_device
 from hetis.mesh.service import serve_worker, setup_logging
 from hetis.v1 import worker_pb2, worker_pb2_grpc
@@ -42,10 +42,14 @@ class DenseWorkerServicer(worker_pb2_grpc.DenseWorkerServicer):
         except ValueError as e:
             ctx.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         try:
-            toks, t = self.worker.execute(step)
+            # a step whose caller gave up while it waited for the worker (the router timed
+            # out and recovers its sequences elsewhere) must not run late
+            toks, t = self.worker.execute(step, still_wanted=ctx.is_active)
         except BackendsLost as e:  # the router recovers: it reads which backends from metadata
             ctx.set_trailing_metadata(((wire.LOST_BACKENDS_KEY, wire.backends_to_metadata(e.backends)),))
             ctx.abort(grpc.StatusCode.UNAVAILABLE, f"step {req.step_id}: {e}")
+        except StepAbandoned as e:
+            ctx.abort(grpc.StatusCode.CANCELLED, f"step {req.step_id}: {e}")
         except (IndexError, ValueError) as e:  # a layout that does not fit this worker's cache
             log.exception("step %d rejected", req.step_id)
             ctx.abort(grpc.StatusCode.INVALID_ARGUMENT, f"step {req.step_id}: {e}")

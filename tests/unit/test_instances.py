@@ -212,3 +212,18 @@ def test_a_late_failure_of_a_replaced_instance_does_not_drop_its_replacement():
         assert [(i.name, i.lost) for i in snap.instances] == [("0", False), ("b2", False)]
     finally:
         loop.stop()
+
+
+def test_blocks_held_by_a_step_in_flight_keep_waiting_requests_waiting():
+    """A sequence moved off a lost instance while that instance's step was in flight must
+    wait for the fenced blocks, not be refused as never fitting (nothing runs meanwhile)."""
+    eng, _, _ = two_instances()
+    a = eng.add_request("a", [1, 2, 3, 4], GREEDY)
+    planned, _ = eng.begin_step(eng.owner[a.seq_id])
+    eng.lose_instance(0)  # a's blocks are fenced: the step may still write them
+    assert not any(i.scheduler.running for i in eng.instances)
+    assert eng._busy()  # a step in flight, blocks on a fence: room will come
+    eng.end_step(planned, None)
+    assert not eng._busy()
+    eng.run_to_completion()
+    assert a.output_token_ids == reference([[1, 2, 3, 4]])[0]
