@@ -93,8 +93,8 @@ def test_kill_9_of_a_dense_worker_mid_stream_loses_no_request(llm):
         base = llm.tokenizer.encode(BASE)
         prompts = [base[: 4 + i] for i in range(16)]
         # even streams greedy, odd ones seeded sampling: both must come out exactly
-        sampling = [dict(temperature=0, max_tokens=40, ignore_eos=True) if i % 2 == 0 else
-                    dict(temperature=0.8, top_p=0.95, seed=100 + i, max_tokens=40, ignore_eos=True)
+        sampling = [dict(temperature=0, max_tokens=28, ignore_eos=True) if i % 2 == 0 else
+                    dict(temperature=0.8, top_p=0.95, seed=100 + i, max_tokens=28, ignore_eos=True)
                     for i in range(16)]
         want = [o.token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts],
                                                   [SamplingParams(**sp) for sp in sampling])]

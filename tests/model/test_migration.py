@@ -4,19 +4,19 @@ from __future__ import annotations
 
 from hetis import LLM, SamplingParams
 
-PARAMS = [SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),
-          SamplingParams(temperature=0.8, top_p=0.95, seed=11, max_tokens=24, ignore_eos=True)]
+PARAMS = [SamplingParams(temperature=0, max_tokens=16, ignore_eos=True),
+          SamplingParams(temperature=0.8, top_p=0.95, seed=11, max_tokens=16, ignore_eos=True)]
 
 
 def test_tokens_identical_with_a_move_every_other_step(llm, prompts):
     moving = LLM(num_backends=3, policy="round-robin")
     moving.engine.cfg.migrate_every = 2
-    reqs = [{"prompt_token_ids": p} for p in prompts[:4]]
+    reqs = [{"prompt_token_ids": p} for p in prompts[:3]]
     for sp in PARAMS:
         want = [o.token_ids for o in llm.generate(reqs, sp)]
         before = moving.engine.migrations
         assert [o.token_ids for o in moving.generate(reqs, sp)] == want
-        assert moving.engine.migrations - before >= 5  # the groups did move, again and again
+        assert moving.engine.migrations - before >= 3  # the groups did move, again and again
     eng = moving.engine
     assert eng.migrated_bytes > 0 and eng.num_preemptions == 0
     assert all(m.used_tokens == 0 for m in eng.managers)  # every source and destination freed
