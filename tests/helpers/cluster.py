@@ -68,3 +68,17 @@ def start_hetis_up(args: list[str], until: str, env: dict | None = None,
             return p, lines
     p.kill()
     raise AssertionError(f"hetis up never printed {until!r}:\n" + "".join(lines))
+
+
+def stream_tokens(stub, prompt_ids: list[int], sampling: dict, started=None) -> list[int]:
+    """A Generate stream's token ids; after its third chunk it waits on ``started`` (a
+    barrier: a fault is injected once every stream is under way)."""
+    from hetis.v1 import generation_pb2 as pb
+    req = pb.GenerateRequest(sampling=pb.SamplingParams(**sampling))
+    req.prompt_token_ids.ids.extend(prompt_ids)
+    toks = []
+    for n, chunk in enumerate(stub.Generate(req, timeout=600)):
+        toks += chunk.token_ids
+        if n == 2 and started is not None:
+            started.wait(120)
+    return toks

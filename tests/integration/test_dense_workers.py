@@ -17,20 +17,9 @@ from hetis import SamplingParams
 from hetis.mesh.redisproc import free_port
 from hetis.v1 import generation_pb2 as pb
 from hetis.v1 import generation_pb2_grpc, worker_pb2, worker_pb2_grpc
-from tests.helpers.cluster import Cluster, start_hetis_up
+from tests.helpers.cluster import Cluster, start_hetis_up, stream_tokens
 
 BASE = "The history of the printing press begins in the fifteenth century, when "
-
-
-def _stream(stub, prompt_ids, sampling: dict, started=None) -> list[int]:
-    req = pb.GenerateRequest(sampling=pb.SamplingParams(**sampling))
-    req.prompt_token_ids.ids.extend(prompt_ids)
-    toks = []
-    for n, chunk in enumerate(stub.Generate(req, timeout=600)):
-        toks += chunk.token_ids
-        if n == 2 and started is not None:
-            started.wait(120)
-    return toks
 
 
 def test_hetis_up_two_dense_workers_share_one_attention_worker(llm, tmp_path):
@@ -61,7 +50,7 @@ def test_hetis_up_two_dense_workers_share_one_attention_worker(llm, tmp_path):
             stub = generation_pb2_grpc.GenerationStub(ch)
             sampler = threading.Thread(target=sample)
             sampler.start()
-            threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, _stream(stub, prompts[i], sp)))
+            threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, stream_tokens(stub, prompts[i], sp)))
                        for i in range(16)]
             for th in threads:
                 th.start()
@@ -104,7 +93,7 @@ def test_kill_9_of_a_dense_worker_mid_stream_loses_no_request(llm):
 
             def one(i):
                 try:
-                    got[i] = _stream(stub, prompts[i], sampling[i], started)
+                    got[i] = stream_tokens(stub, prompts[i], sampling[i], started)
                 except grpc.RpcError as e:
                     errors.append(e.details())
             threads = [threading.Thread(target=one, args=(i,)) for i in range(16)]
@@ -132,7 +121,7 @@ def test_kill_9_of_a_dense_worker_mid_stream_loses_no_request(llm):
             assert alive == {"dense-0": True, "attn-0": True, "dense-1": False}, alive
             attn0 = next(w for w in st.workers if w.id == "attn-0")
             assert attn0.kv_used_tokens == 0 and not attn0.resident  # its KV there was freed
-            after = _stream(stub, llm.tokenizer.encode("After the fault,"),
+            after = stream_tokens(stub, llm.tokenizer.encode("After the fault,"),
                             dict(temperature=0, max_tokens=8))
             assert after == llm.generate("After the fault,", SamplingParams(temperature=0, max_tokens=8))[0].token_ids
             deadline = time.monotonic() + 10  # its rank 1 did not outlive it
@@ -154,7 +143,7 @@ def test_tp_2_without_attention_workers_is_exact(llm):
         with grpc.insecure_channel(c.target) as ch:
             stub = generation_pb2_grpc.GenerationStub(ch)
             got = [None] * len(prompts)
-            threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, _stream(stub, prompts[i], sp)))
+            threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, stream_tokens(stub, prompts[i], sp)))
                        for i in range(len(prompts))]
             for th in threads:
                 th.start()

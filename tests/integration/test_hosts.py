@@ -12,6 +12,7 @@ import pytest
 from hetis import SamplingParams
 from hetis.v1 import generation_pb2 as pb
 from hetis.v1 import generation_pb2_grpc
+from tests.helpers.cluster import stream_tokens
 from tests.helpers.hosts import Across, HostPair, available
 
 pytestmark = pytest.mark.skipif(available() is not None, reason=str(available()))
@@ -26,14 +27,7 @@ def hosts():
 
 
 def _stream(stub, ids, n, started=None) -> list[int]:
-    req = pb.GenerateRequest(sampling=pb.SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
-    req.prompt_token_ids.ids.extend(ids)
-    toks = []
-    for i, chunk in enumerate(stub.Generate(req, timeout=600)):
-        toks += chunk.token_ids
-        if i == 2 and started is not None:
-            started.wait(120)
-    return toks
+    return stream_tokens(stub, ids, dict(temperature=0, max_tokens=n, ignore_eos=True), started)
 
 
 def test_attention_workers_on_another_host_give_exact_tokens(hosts, llm):
@@ -46,7 +40,13 @@ def test_attention_workers_on_another_host_give_exact_tokens(hosts, llm):
                                                                  ignore_eos=True))]
         with grpc.insecure_channel(mesh.target) as ch:
             stub = generation_pb2_grpc.GenerationStub(ch)
-            got = [_stream(stub, p, 16) for p in prompts]
+            got = [None] * len(prompts)
+            threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, _stream(stub, prompts[i], 16)))
+                       for i in range(len(prompts))]
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join(300)
             st = stub.GetClusterStatus(pb.ClusterStatusRequest(), timeout=10)
         assert got == want
         assert all(s > 0 for s in mesh.attn_steps())  # round-robin: both on B held groups

@@ -24,6 +24,17 @@ def two_instances(blocks: int = 1000, policy: str = "round-robin", ex_a=None, ex
     return eng, ex_a, ex_b
 
 
+def collect(q) -> list[int]:
+    """Every token of a request's outputs (an exception fails the test)."""
+    toks = []
+    while True:
+        o = q.get(timeout=30)
+        assert not isinstance(o, Exception), o
+        toks += o.new_token_ids
+        if o.finished:
+            return toks
+
+
 def reference(prompts, params=GREEDY):
     eng = fake_engine(devices=1)
     seqs = [eng.add_request(f"r{i}", p, params) for i, p in enumerate(prompts)]
@@ -161,17 +172,7 @@ def test_the_serving_loop_recovers_a_lost_instance_on_the_other():
     loop = ServingLoop(eng, max_queue=16).start()
     try:
         qs = [loop.submit(f"r{i}", p, GREEDY, None) for i, p in enumerate(PROMPTS)]
-        got = []
-        for q in qs:
-            toks = []
-            while True:
-                o = q.get(timeout=30)
-                assert not isinstance(o, Exception), o
-                toks += o.new_token_ids
-                if o.finished:
-                    break
-            got.append(toks)
-        assert got == reference(PROMPTS)
+        assert [collect(q) for q in qs] == reference(PROMPTS)
         snap = loop.call(lambda e: e.snapshot())
         assert [i.lost for i in snap.instances] == [False, True]
     finally:
@@ -200,14 +201,7 @@ def test_a_late_failure_of_a_replaced_instance_does_not_drop_its_replacement():
             return e.add_instance("b2", FakeExecutor(), local, {1, local}, index=1)
         assert loop.call(replace_b) == 1
         release.set()  # the old step fails now: old news
-        toks = []
-        while True:
-            o = q.get(timeout=30)
-            assert not isinstance(o, Exception), o
-            toks += o.new_token_ids
-            if o.finished:
-                break
-        assert toks == reference([[1, 2, 3]])[0]
+        assert collect(q) == reference([[1, 2, 3]])[0]
         snap = loop.call(lambda e: e.snapshot())
         assert [(i.name, i.lost) for i in snap.instances] == [("0", False), ("b2", False)]
     finally:
