@@ -74,7 +74,7 @@ class Engine:
         self.seqs: dict[str, Sequence] = {}
         self.owner: dict[int, int] = {}           # seq_id -> instance index
         self._text: dict[int, TextStream] = {}
-        self._inflight: dict[int, int] = {}       # step id -> instance index
+        self._inflight: set[int] = set()          # ids of the steps in flight
         self._next_step = 0
         self.migrations = self.migrated_bytes = 0  # head-group moves done (cumulative)
         self.kv_token_bytes = 0                    # KV bytes of one token of one group (all layers)
@@ -253,14 +253,14 @@ class Engine:
         planned = Planned(index, inst, self._next_step, step, chunks,
                           [c.seq.num_preemptions for c in chunks], time.monotonic(), carried)
         self._next_step += 1
-        self._inflight[planned.step_id] = index
+        self._inflight.add(planned.step_id)
         self._fence()
         return planned, outs
 
     def end_step(self, planned: Planned, tokens: list[int] | None) -> list[StepOutput]:
         """Close a step: ``tokens`` as ``execute`` returned them, or None when it failed
         (its chunks are computed again by a later step)."""
-        del self._inflight[planned.step_id]
+        self._inflight.remove(planned.step_id)
         self._fence()
         inst = planned.owner
         migration.settle(self, inst, planned.carried, ok=tokens is not None)

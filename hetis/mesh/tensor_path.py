@@ -269,9 +269,3 @@ class AttentionLoop:
         per_layer = seconds / self.L
         est = max(per_layer - self.cost_per_group * len(items), 0.0) / max(tokens, 1)
         self.cost_per_token = (1 - self.alpha) * self.cost_per_token + self.alpha * est
-
-    def telemetry(self) -> dict:
-        return {"kv_used_tokens": self.residency.used_tokens,
-                "resident": {str(s): g for s, g in self.residency.groups().items()},
-                "cost_per_token": self.cost_per_token, "cost_per_group": self.cost_per_group,
-                "steps": self.steps}
