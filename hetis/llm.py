@@ -57,13 +57,21 @@ class LLM:
             prompt + max_tokens, as in the router). Default: one backend.
         max_num_seqs, max_num_batched_tokens, max_model_len, block_size: the
             scheduler's limits (see ``EngineConfig``).
-        kv_tokens: KV capacity of each backend in tokens x head groups.
+        kv_tokens: KV capacity of each backend in tokens x head groups; a list
+            gives each backend its own (one entry per backend).
+        kv_headroom, rebalance_threshold: re-dispatch (``EngineConfig``; the
+            ``hetis`` policy with ``num_backends`` > 1): reserve only a request's
+            current KV plus ``kv_headroom`` tokens at admission, relieve a full
+            backend by moving head groups, rebalance above (1 + threshold) times
+            the ideal attention time. Defaults: full reservation, 0.5.
     """
 
     def __init__(self, model: str | None = None, dtype: str = "float32", placement=None,
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 1024,
-                 max_model_len: int = 2048, block_size: int = 16, kv_tokens: int | None = None,
-                 num_backends: int | None = None, policy: str | None = None):
+                 max_model_len: int = 2048, block_size: int = 16,
+                 kv_tokens: int | list[int] | None = None,
+                 num_backends: int | None = None, policy: str | None = None,
+                 kv_headroom: int | None = None, rebalance_threshold: float = 0.5):
         self.dtype = parse_dtype(dtype)
         if policy is not None and policy not in POLICIES:
             raise ValueError(f"policy: must be one of {POLICIES} (got {policy!r})")
@@ -82,18 +90,26 @@ class LLM:
         if kv_tokens is None:
             kv_tokens = max_num_seqs * max_model_len * per_backend
             kv_tokens = min(kv_tokens, max(1 << 17, max_model_len * per_backend))
-        if kv_tokens < max_model_len * per_backend:
-            raise ValueError(f"kv_tokens: {kv_tokens} cannot hold one sequence of max_model_len="
+        sizes = list(kv_tokens) if isinstance(kv_tokens, (list, tuple)) else [kv_tokens] * n_backends
+        if len(sizes) != n_backends:
+            raise ValueError(f"kv_tokens: {len(sizes)} sizes for {n_backends} backends")
+        if min(sizes) < max_model_len * per_backend and (pinned or n_backends == 1):
+            raise ValueError(f"kv_tokens: {min(sizes)} cannot hold one sequence of max_model_len="
                              f"{max_model_len} with {per_backend} head groups on one backend")
+        if sum(sizes) < max_model_len * per_backend:
+            raise ValueError(f"kv_tokens: {sum(sizes)} in all cannot hold one sequence of "
+                             f"max_model_len={max_model_len} with {per_backend} head groups")
         self.engine_config = EngineConfig(block_size=block_size, max_num_seqs=max_num_seqs,
                                           max_num_batched_tokens=max_num_batched_tokens,
-                                          max_model_len=max_model_len, kv_tokens=kv_tokens)
-        num_blocks = max(1, kv_tokens // block_size)
-        backends = [AttentionBackend(cfg.num_layers, num_blocks, block_size, cfg.head_dim,
-                                     cfg.q_per_group, self.dtype) for _ in range(n_backends)]
+                                          max_model_len=max_model_len, kv_tokens=max(sizes),
+                                          kv_headroom=kv_headroom,
+                                          rebalance_threshold=rebalance_threshold)
+        blocks = [max(1, n // block_size) for n in sizes]
+        backends = [AttentionBackend(cfg.num_layers, nb, block_size, cfg.head_dim,
+                                     cfg.q_per_group, self.dtype) for nb in blocks]
         # one process, one CPU: every backend has the same measured cost
         cost = profile_attention(backends[0]) if pinned is None and n_backends > 1 else (1e-8, 1e-6)
-        devices = [Device(f"backend-{b}", num_blocks, *cost) for b in range(n_backends)]
+        devices = [Device(f"backend-{b}", nb, *cost) for b, nb in enumerate(blocks)]
         self.engine = build_engine(Executor(DenseModel(cfg, sd, self.dtype), backends),
                                    self.tokenizer, cfg, self.engine_config, devices,
                                    policy=policy or "local-only", pinned=pinned,

@@ -11,9 +11,12 @@ Policy ``hetis`` (the default, the paper's online dispatcher): for a new request
 place its groups one at a time on the device whose predicted time after taking
 the group is smallest — a greedy minimisation of the predicted makespan (the
 slowest device decides the step) — among the devices with room for the
-group's whole expected KV (prompt + max_tokens, in blocks). Memory is
-reserved for the expected length, so a placed request never runs a device out
-of KV; when no device has room the request waits (``place`` returns None).
+group's reservation in blocks. By default that is the whole expected KV
+(prompt + max_tokens), so a placed request never runs a device out of KV;
+with ``headroom`` (``--kv-headroom``) it is what the request holds now plus
+that many tokens, as the paper admits, and a device that runs short later is
+relieved by re-dispatch (hetis/engine/redispatch.py). When no device has room
+the request waits (``place`` returns None). Draining devices take nothing new.
 ``local-only`` keeps every group on device 0; ``round-robin`` deals groups to
 devices in turn. Both respect the same memory reservation.
 
@@ -41,6 +44,11 @@ class Device:
     latency: float = 0.0              # s per layer exchange
     bandwidth: float = float("inf")   # bytes/s
     lost: bool = False                # gone (died, or stopped answering): never placed on again
+    draining: bool = False            # leaving: nothing new is placed here, what is here moves away
+
+    @property
+    def usable(self) -> bool:
+        return not self.lost and not self.draining
 
     def time(self, tokens: int, groups: int, row_bytes: float, layers: int) -> float:
         t = self.cost_per_token * tokens + self.cost_per_group * groups
@@ -52,7 +60,7 @@ class Device:
 class Dispatcher:
     def __init__(self, devices: list[Device], num_groups: int, num_layers: int, block_size: int,
                  max_model_len: int, row_bytes: float, policy: str = "hetis",
-                 pinned: list[int] | None = None):
+                 pinned: list[int] | None = None, headroom: int | None = None):
         if policy not in POLICIES:
             raise ValueError(f"policy: must be one of {POLICIES} (got {policy!r})")
         if pinned is not None and (len(pinned) != num_groups
@@ -62,13 +70,19 @@ class Dispatcher:
         self.devices, self.G, self.L = devices, num_groups, num_layers
         self.block_size, self.max_model_len = block_size, max_model_len
         self.row_bytes, self.policy, self.pinned = row_bytes, policy, pinned
+        if headroom is not None and headroom < 0:
+            raise ValueError(f"kv_headroom: must be >= 0 tokens (got {headroom})")
+        self.headroom = headroom
         # the scheduler's running sequences; the owner points this at its scheduler
         self.get_running: Callable[[], Iterable[Sequence]] = lambda: ()
         self._rr = 0
 
     def expected_len(self, seq: Sequence) -> int:
-        left = seq.params.max_tokens - len(seq.output_token_ids)
-        return min(seq.num_tokens + max(left, 0), self.max_model_len)
+        """The tokens reserved for ``seq`` per head group (module doc)."""
+        left = max(seq.params.max_tokens - len(seq.output_token_ids), 0)
+        if self.headroom is not None:
+            left = min(left, self.headroom)
+        return min(seq.num_tokens + left, self.max_model_len)
 
     def state(self, exclude: Sequence | None = None):
         """Per device: (tokens read per step, groups, reserved blocks) of running sequences."""
@@ -102,7 +116,7 @@ class Dispatcher:
         need = cdiv(self.expected_len(seq), self.block_size)
         free = [d.capacity_blocks - r for d, r in zip(self.devices, reserved)]
         n = len(self.devices)
-        live = [i for i in range(n) if not self.devices[i].lost and (allowed is None or i in allowed)]
+        live = [i for i in range(n) if self.devices[i].usable and (allowed is None or i in allowed)]
         if not live:
             return None
         placement = []

@@ -24,12 +24,13 @@ from hetis.engine.block_manager import BlockManager
 from hetis.engine.config import EngineConfig
 from hetis.engine.detokenize import TextStream
 from hetis.engine.dispatcher import Device, Dispatcher
-from hetis.engine import migration
+from hetis.engine import migration, redispatch
 from hetis.engine.instance import Instance, Planned, pick_instance
 from hetis.engine.sampling import SamplingParams
 from hetis.engine.scheduler import Scheduler
 from hetis.engine.sequence import Sequence, Status
-from hetis.engine.snapshot import DeviceState, EngineSnapshot, InstanceState
+from hetis.engine import snapshot
+from hetis.engine.snapshot import EngineSnapshot
 from hetis.engine.step import Step, StepChunk
 from hetis.model.config import ModelConfig
 from hetis.model.tokenizer import Tokenizer
@@ -96,9 +97,10 @@ class Engine:
         ``reach``: the devices it may place on). ``index`` replaces a lost instance: its
         orphaned sequences are adopted. Returns its index; call between steps."""
         inst = Instance(name, executor, None, local, reach)  # type: ignore[arg-type]
-        inst.scheduler = Scheduler(self.cfg, self.managers,
-                                   lambda seq: self.dispatcher.place(seq, inst.reach, inst.local),
-                                   busy=self._busy)
+        inst.scheduler = Scheduler(
+            self.cfg, self.managers, lambda seq: self.dispatcher.place(seq, inst.reach, inst.local),
+            busy=self._busy,
+            relieve=lambda seq, n, queue: redispatch.relieve(self, self.instances.index(inst), seq, n, queue))
         if index is None:
             self.instances.append(inst)
             index = len(self.instances) - 1
@@ -156,13 +158,8 @@ class Engine:
     def _sched(self, seq: Sequence) -> Scheduler:
         return self.instances[self.owner.get(seq.seq_id, 0)].scheduler
 
-    @property
-    def num_waiting(self) -> int:
-        return sum(len(i.scheduler.waiting) for i in self.instances)
-
-    @property
-    def num_running(self) -> int:
-        return sum(len(i.scheduler.running) for i in self.instances)
+    num_waiting = property(lambda self: sum(len(i.scheduler.waiting) for i in self.instances))
+    num_running = property(lambda self: sum(len(i.scheduler.running) for i in self.instances))
 
     @property
     def num_preemptions(self) -> int:
@@ -239,6 +236,9 @@ class Engine:
         every = self.cfg.migrate_every
         if every and inst.steps and inst.steps % every == 0:
             migration.force_one(self, index)
+        if any(d.draining for d in self.dispatcher.devices):
+            redispatch.drain(self, index)
+        redispatch.rebalance(self, index)
         chunks = inst.scheduler.schedule()
         # sequences the scheduler gave up on (they can never fit) surface as finished
         outs = [StepOutput.of(s, [], "") for s in inst.scheduler.rejected]
@@ -312,6 +312,18 @@ class Engine:
                 self.managers[b].free(sid)
         return moved
 
+    def drain_device(self, index: int) -> list[Sequence]:
+        """A device is leaving: nothing new goes there, and each instance moves its groups
+        away with its next steps (redispatch.drain); without executors that move KV it is
+        lost at once (its sequences recomputed, and returned)."""
+        if not any(migration.can_move(i) for i in self.instances if not i.lost):
+            return self.lose_devices([index])
+        self.dispatcher.devices[index].draining = True
+        for seq in (s for i in self.instances for s in i.scheduler.waiting):
+            if seq.placement and index in seq.placement:  # placed, not admitted: placed again
+                seq.placement = None
+        return []
+
     def add_device(self, device: Device, index: int | None = None) -> int:
         """A device joins dispatch: a new index, or (``index``) a lost one that came back
         (its blocks all free). Returns its index; call between steps."""
@@ -331,17 +343,7 @@ class Engine:
 
     def snapshot(self) -> EngineSnapshot:
         """Placement, KV and load per device; call it on the thread that steps the engine."""
-        rid = {s.seq_id: s.request_id for s in self.seqs.values()}
-        d = self.dispatcher
-        tokens, groups, _ = d.state()
-        loads = d.predicted_times(tokens, groups)
-        devices = [DeviceState(m.used_tokens, m.capacity_tokens, load, dev.cost_per_token,
-                               {rid.get(s, str(s)): gs for s, gs in sorted(m.resident().items())},
-                               dev.lost)
-                   for m, dev, load in zip(self.managers, d.devices, loads)]
-        instances = [InstanceState(i.name, len(i.scheduler.running), len(i.scheduler.waiting),
-                                   i.steps, i.lost) for i in self.instances]
-        return EngineSnapshot(d.policy, self.num_waiting, self.num_running, devices, instances)
+        return snapshot.take(self)
 
     def _append(self, seq: Sequence, tok: int) -> StepOutput:
         seq.output_token_ids.append(tok)
@@ -386,7 +388,8 @@ def build_engine(executor, tokenizer: Tokenizer, model: ModelConfig, cfg: Engine
     managers = [BlockManager(d.capacity_blocks, cfg.block_size) for d in devices]
     row_bytes = (2 * model.q_per_group + 2) * model.head_dim * kv_bytes
     dispatcher = Dispatcher(devices, model.num_groups, model.num_layers, cfg.block_size,
-                            cfg.max_model_len, row_bytes, policy=policy, pinned=pinned)
+                            cfg.max_model_len, row_bytes, policy=policy, pinned=pinned,
+                            headroom=cfg.kv_headroom)
     engine = Engine(executor, tokenizer, managers, cfg, dispatcher,
                     eos_token_ids=model.eos_token_ids, vocab_size=model.vocab_size,
                     detokenize=detokenize)

@@ -1,6 +1,8 @@
 """Live migration of head groups: a running sequence's group moves to another device.
 
-The mechanism, not yet a policy (that is the paper's re-dispatch, built on this):
+The mechanism; the policy that decides what moves where is the paper's
+re-dispatch (hetis/engine/redispatch.py). Moves are planned only between two
+steps of the sequence's own instance (in ``Engine.begin_step``):
 
 - :func:`plan` allocates the group's blocks on the destination for the tokens
   already cached, points the sequence's placement at it and queues a
@@ -16,10 +18,14 @@ The mechanism, not yet a policy (that is the paper's re-dispatch, built on this)
   preempted (recomputed from its tokens so far, nothing streamed twice). A
   sequence preempted or finished before its move went out simply drops it.
 
-Only whole groups move, and only the groups whose device changes. The
-executor in ``hetis.LLM`` copies between its in-process backends; over the
-mesh the copies travel on the tensor channels (issue #15, not built yet: the
-router plans no moves).
+Only whole groups move, and only the groups whose device changes. A step
+carries at most ``EngineConfig.max_move_tokens`` of KV (tokens x groups; one
+group always fits), so the copy a step waits for is bounded. The executor in
+``hetis.LLM`` copies between its in-process backends; over the mesh the dense
+worker pulls the KV from the source's tensor channel and pushes it down the
+destination's (hetis/mesh/tensor_path.py) before the step's layouts go out.
+An executor that cannot copy (``supports_moves`` false) gets no moves: the
+policy falls back to preemption.
 """
 from __future__ import annotations
 
@@ -27,17 +33,28 @@ from hetis.engine.sequence import Sequence, Status
 from hetis.engine.step import KVMove
 
 
+def can_move(inst) -> bool:
+    return bool(getattr(inst.executor, "supports_moves", False))
+
+
+def budget_left(engine, inst) -> int:
+    """KV tokens (x groups) the instance's next step may still carry (module doc)."""
+    return engine.cfg.max_move_tokens - sum(m.num_tokens for _, _, m in inst.moves)
+
+
 def plan(engine, index: int, seq: Sequence, group: int, dst: int) -> bool:
     """Move ``seq``'s ``group`` to device ``dst`` with the next step of instance ``index``;
-    False when it cannot (not running, nothing cached, same device, no room, not reachable)."""
+    False when it cannot (not running, nothing cached, same device, no room, not reachable,
+    draining, over the step's move budget, or an executor that cannot copy)."""
     inst = engine.instances[index]
     src = seq.placement[group] if seq.placement else None
     dev = engine.dispatcher.devices[dst] if 0 <= dst < len(engine.managers) else None
-    if (seq.status is not Status.RUNNING or not seq.num_computed or src is None or src == dst
-            or dev is None or dev.lost or (inst.reach is not None and dst not in inst.reach)
+    n = seq.num_computed
+    if (seq.status is not Status.RUNNING or not n or src is None or src == dst
+            or dev is None or not dev.usable or (inst.reach is not None and dst not in inst.reach)
+            or not can_move(inst) or (inst.moves and budget_left(engine, inst) < n)
             or any(m.seq_id == seq.seq_id and m.group == group for _, _, m in inst.moves)):
         return False
-    n = seq.num_computed
     dm = engine.managers[dst]
     if not dm.can_allocate(seq.seq_id, [group], n):
         return False
@@ -45,6 +62,7 @@ def plan(engine, index: int, seq: Sequence, group: int, dst: int) -> bool:
     move = KVMove(seq.seq_id, group, src, dst, n, list(engine.managers[src].table(seq.seq_id, group)),
                   list(dm.table(seq.seq_id, group)))
     seq.placement[group] = dst
+    seq.moved_at = engine._next_step
     inst.moves.append((seq, seq.num_preemptions, move))
     return True
 

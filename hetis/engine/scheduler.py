@@ -5,9 +5,12 @@ go first, in arrival order: a decode costs one token, an unfinished prompt a
 chunk of whatever budget is left (chunked prefill). Waiting sequences are then
 admitted while budget, ``max_num_seqs`` and KV memory allow; admission asks
 ``place(seq)`` for the sequence's head-group placement (the dispatcher), which
-may answer None: not now. When a running sequence cannot grow its KV, the most
-recently admitted running sequence is preempted by recompute: its blocks are
-freed and it goes back to the front of the queue with its tokens so far.
+may answer None: not now. When a running sequence cannot grow its KV on a
+device, ``relieve`` (re-dispatch, hetis/engine/redispatch.py) may move head
+groups to make room; otherwise a victim is preempted by recompute: the
+latest-arrived sequence using that device among those not yet scheduled in
+this step (the sequence itself at the latest). Its blocks are freed and it
+goes back to the front of the queue with its tokens so far.
 """
 from __future__ import annotations
 
@@ -40,8 +43,10 @@ def groups_on(placement: list[int], backend: int) -> list[int]:
 class Scheduler:
     def __init__(self, cfg: EngineConfig, managers: list[BlockManager],
                  place: Callable[[Sequence], list[int] | None],
-                 busy: Callable[[], bool] | None = None):
+                 busy: Callable[[], bool] | None = None, relieve: Callable | None = None):
         self.cfg, self.managers, self.place = cfg, managers, place
+        # (seq, num_tokens, queue) -> "retry" | "wait" | the sequence to preempt
+        self.relieve = relieve or self._victim
         # whether anything runs that will free memory (with several instances sharing
         # devices, theirs count too): a waiting sequence that fits nowhere while nothing
         # runs can never fit, and is refused
@@ -70,18 +75,25 @@ class Scheduler:
             self.waiting.remove(seq)
 
     # ------------------------------------------------------------ memory
-    def _need(self, seq: Sequence, num_tokens: int):
+    def needs(self, seq: Sequence, num_tokens: int):
+        """(device, its manager, seq's groups there, tokens) for each device seq uses."""
         for b, m in enumerate(self.managers):
             gs = groups_on(seq.placement, b)
             if gs:
-                yield m, gs, num_tokens
+                yield b, m, gs, num_tokens
 
     def _can_alloc(self, seq: Sequence, num_tokens: int) -> bool:
-        return all(m.can_allocate(seq.seq_id, gs, n) for m, gs, n in self._need(seq, num_tokens))
+        return all(m.can_allocate(seq.seq_id, gs, n) for _, m, gs, n in self.needs(seq, num_tokens))
 
     def _alloc(self, seq: Sequence, num_tokens: int) -> None:
-        for m, gs, n in self._need(seq, num_tokens):
+        for _, m, gs, n in self.needs(seq, num_tokens):
             m.allocate(seq.seq_id, gs, n)
+
+    def _victim(self, seq: Sequence, num_tokens: int, queue: list[Sequence]) -> Sequence:
+        """The sequence to preempt so ``seq`` can grow (module doc)."""
+        short = {b for b, m, gs, n in self.needs(seq, num_tokens) if not m.can_allocate(seq.seq_id, gs, n)}
+        users = [s for s in queue if short & set(s.placement or ())]
+        return max(users + [seq], key=lambda s: (s.arrival, s.seq_id))
 
     def _free(self, seq: Sequence) -> None:
         if seq.placement is not None:
@@ -111,7 +123,14 @@ class Scheduler:
             seq = queue.pop(0)
             n = min(seq.num_tokens - seq.num_computed, budget)
             while not self._can_alloc(seq, seq.num_computed + n):
-                victim = queue.pop() if queue else seq
+                victim = self.relieve(seq, seq.num_computed + n, queue)
+                if victim == "retry":
+                    continue
+                if victim == "wait":  # room comes once this step's moves are done
+                    kept.append(seq)
+                    break
+                if victim is not seq:
+                    queue.remove(victim)
                 self.preempt(victim)
                 if victim is seq:
                     break

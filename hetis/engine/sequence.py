@@ -32,6 +32,7 @@ class Sequence:
     num_preemptions: int = 0
     arrival: float = 0.0
     first_token_time: float | None = None
+    moved_at: int = -(1 << 30)     # engine step id of its last head-group move (re-dispatch)
 
     @property
     def num_tokens(self) -> int:

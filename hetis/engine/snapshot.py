@@ -13,6 +13,7 @@ class DeviceState:
     cost_per_token: float
     resident: dict[str, list[int]]      # request id -> head groups held
     lost: bool = False                  # dropped from dispatch (died or stopped answering)
+    draining: bool = False              # leaving: its groups move away
 
 
 @dataclass
@@ -33,3 +34,22 @@ class EngineSnapshot:
     running: int
     devices: list[DeviceState]
     instances: list[InstanceState] = field(default_factory=list)
+    migrations: int = 0                 # head-group moves done (cumulative)
+    migrated_bytes: int = 0             # their KV bytes (cumulative)
+    preemptions: int = 0                # sequences recomputed (cumulative)
+
+
+def take(engine) -> EngineSnapshot:
+    """The engine's state now; call it on the thread that steps the engine."""
+    rid = {s.seq_id: s.request_id for s in engine.seqs.values()}
+    d = engine.dispatcher
+    tokens, groups, _ = d.state()
+    loads = d.predicted_times(tokens, groups)
+    devices = [DeviceState(m.used_tokens, m.capacity_tokens, load, dev.cost_per_token,
+                           {rid.get(s, str(s)): gs for s, gs in sorted(m.resident().items())},
+                           dev.lost, dev.draining)
+               for m, dev, load in zip(engine.managers, d.devices, loads)]
+    instances = [InstanceState(i.name, len(i.scheduler.running), len(i.scheduler.waiting),
+                               i.steps, i.lost) for i in engine.instances]
+    return EngineSnapshot(d.policy, engine.num_waiting, engine.num_running, devices, instances,
+                          engine.migrations, engine.migrated_bytes, engine.num_preemptions)

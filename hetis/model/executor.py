@@ -46,6 +46,8 @@ class Executor:
     hetis/model/tp.py; default all): items of other groups are not its business, and its
     model's q/k/v hold only these groups, in order."""
 
+    supports_moves = True  # copies migrating head groups' KV (hetis/engine/migration.py)
+
     def __init__(self, model: DenseModel, backends: list, groups: range | None = None):
         self.model, self.backends = model, backends
         c = model.cfg

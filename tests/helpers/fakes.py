@@ -31,7 +31,10 @@ class FakeTokenizer:
 
 
 class FakeExecutor:
-    """Samples ``next_token(seq_id, position)`` for every chunk that samples; records the steps."""
+    """Samples ``next_token(seq_id, position)`` for every chunk that samples; records the steps
+    (KV moves too: there is no KV to copy)."""
+
+    supports_moves = True
 
     def __init__(self, next_token=lambda seq_id, pos: (pos + 1) % 50, delay: float = 0.0):
         self.next_token, self.delay = next_token, delay

@@ -20,3 +20,18 @@ def test_tokens_identical_with_a_move_every_other_step(llm, prompts):
     eng = moving.engine
     assert eng.migrated_bytes > 0 and eng.num_preemptions == 0
     assert all(m.used_tokens == 0 for m in eng.managers)  # every source and destination freed
+
+
+def test_a_full_backend_moves_head_groups_instead_of_preempting(llm, prompts):
+    """Optimistic admission (headroom 0) on a small backend 0 beside a roomy backend 1:
+    as sequences grow, backend 0 runs short and the latest arrivals' groups move to
+    backend 1; nothing is recomputed and every token is as without moves."""
+    poor = LLM(num_backends=2, policy="hetis", kv_tokens=[512, 8192], kv_headroom=0,
+               max_model_len=512)
+    reqs = [{"prompt_token_ids": p} for p in prompts[:6]]
+    for sp in PARAMS:
+        want = [o.token_ids for o in llm.generate(reqs, sp)]
+        assert [o.token_ids for o in poor.generate(reqs, sp)] == want
+    eng = poor.engine
+    assert eng.migrations > 0 and eng.num_preemptions == 0
+    assert all(m.used_tokens == 0 for m in eng.managers)

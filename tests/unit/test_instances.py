@@ -188,7 +188,12 @@ def test_a_late_failure_of_a_replaced_instance_does_not_drop_its_replacement():
             assert release.wait(10)
             raise InstanceLost("dense worker b step failed: DEADLINE_EXCEEDED")
 
-    eng, _, _ = two_instances(ex_b=Hangs())
+    class Waits(FakeExecutor):  # "a" still runs on instance a when "b" arrives
+        def execute(self, step):
+            assert started.wait(10)
+            return super().execute(step)
+
+    eng, _, _ = two_instances(ex_a=Waits(), ex_b=Hangs())
     loop = ServingLoop(eng, max_queue=16).start()
     try:
         loop.submit("a", [1, 2, 3], GREEDY, None)
