@@ -25,7 +25,7 @@ from hetis import defaults
 from hetis.bench import cli as bench_cli
 from hetis.bench.cli import UsageError
 from hetis.defaults import DEFAULT_TARGET  # noqa: F401 - part of this module's API
-from hetis.mesh.flags import api_key_arg, nonneg_int, port_number, positive_int
+from hetis.mesh.flags import add_redispatch_flags, api_key_arg, nonneg_int, port_number, positive_int
 from hetis.security import api_key_from_env
 
 CLI_MAX_TOKENS = 128  # a CLI reply of SamplingParams' 16 tokens is too short to read
@@ -105,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "(default: the service's, 131072)")
     up.add_argument("--attn-kv-tokens", type=positive_int, default=None, metavar="N",
                     help="KV capacity of each attention worker (default: the service's, 131072)")
+    add_redispatch_flags(up)
     up.add_argument("--http-port", type=port_number, default=None, metavar="P",
                     help="the router also serves the OpenAI-compatible HTTP API on this port "
                     "(default: off; docs/http.md)")
@@ -287,7 +288,10 @@ def print_status(st: dict, target: str) -> None:
     if not con.is_terminal:  # piped: do not squeeze the table into 80 columns
         con = Console(width=200)
     con.print(t)
-    con.print(f"requests: {st['running']} running, {st['waiting']} waiting")
+    con.print(f"requests: {st['running']} running, {st['waiting']} waiting; "
+              f"head-group moves: {st.get('migrations', 0)} "
+              f"({int(st.get('migrated_bytes', 0)) / 2**20:.1f} MiB), "
+              f"preemptions: {st.get('preemptions', 0)}")
 
 
 def cmd_demo(args) -> int:

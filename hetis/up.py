@@ -72,10 +72,28 @@ def service_commands(args, ports: dict[str, int] | None = None, host: str = LOCA
                             "--dense-worker", ",".join(dense), "--dense-workers", str(len(dense)),
                             "--attn-workers", str(args.attn_workers),
                             "--policy", args.policy, "--metrics-port", "0",
+                            *redispatch_flags(args),
                             *(["--host", args.host] if bind else []),
                             *(["--http-port", str(args.http_port)]
                               if getattr(args, "http_port", None) is not None else [])]))
     return cmds
+
+
+def redispatch_flags(args) -> list[str]:
+    """The router's re-dispatch flags from ``hetis up``'s (hetis/mesh/flags.py); defaults
+    stay off the command line."""
+    out = []
+    if getattr(args, "kv_headroom", None) is not None:
+        out += ["--kv-headroom", str(args.kv_headroom)]
+    if getattr(args, "rebalance_threshold", 0.5) != 0.5:
+        out += ["--rebalance-threshold", str(args.rebalance_threshold)]
+    if not getattr(args, "kv_balance", True):
+        out.append("--no-kv-balance")
+    if getattr(args, "max_move_tokens", 4096) != 4096:
+        out += ["--max-move-tokens", str(args.max_move_tokens)]
+    if getattr(args, "migrate_every", 0):
+        out += ["--migrate-every", str(args.migrate_every)]
+    return out
 
 
 def port_of(argv: list[str]) -> int:

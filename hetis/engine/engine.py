@@ -257,13 +257,15 @@ class Engine:
         self._fence()
         return planned, outs
 
-    def end_step(self, planned: Planned, tokens: list[int] | None) -> list[StepOutput]:
+    def end_step(self, planned: Planned, tokens: list[int] | None,
+                 lost: set[int] | None = None) -> list[StepOutput]:
         """Close a step: ``tokens`` as ``execute`` returned them, or None when it failed
-        (its chunks are computed again by a later step)."""
+        (its chunks are computed again by a later step; ``lost``: it ran to its end without
+        these devices, so its other KV moves were done)."""
         self._inflight.remove(planned.step_id)
         self._fence()
         inst = planned.owner
-        migration.settle(self, inst, planned.carried, ok=tokens is not None)
+        migration.settle(self, inst, planned.carried, ok=tokens is not None, lost=lost)
         if tokens is None:
             return []
         if planned.chunks:

@@ -75,13 +75,14 @@ def take(inst) -> tuple[list[KVMove], list[tuple[Sequence, int, KVMove]]]:
     return [m for _, _, m in live], live
 
 
-def settle(engine, inst, carried, ok: bool) -> None:
+def settle(engine, inst, carried, ok: bool, lost: set[int] | None = None) -> None:
     """After the step that carried ``carried``: free the sources (ok), or recompute the
-    sequences whose copy may not have happened (the step failed)."""
+    sequences whose copy may not have happened (the step failed; with ``lost``, it ran to
+    its end without those devices, and a move touching neither end was done)."""
     for seq, n, m in carried:
         if seq.status is not Status.RUNNING or seq.num_preemptions != n:
             continue  # finished or preempted meanwhile: its blocks are already freed
-        if ok:
+        if ok or (lost is not None and m.src not in lost and m.dst not in lost):
             engine.managers[m.src].free(seq.seq_id, [m.group])
             engine.migrations += 1
             engine.migrated_bytes += m.num_tokens * engine.kv_token_bytes

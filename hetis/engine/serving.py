@@ -46,6 +46,8 @@ PROMPT_TOKENS = Counter("hetis:prompt_tokens_total", "prompt tokens admitted")
 GEN_TOKENS = Counter("hetis:generation_tokens_total", "tokens generated")
 SUCCESS = Counter("hetis:request_success_total", "finished requests", ["finished_reason"])
 PREEMPTIONS = Counter("hetis:num_preemptions_total", "preemptions by recompute")
+MIGRATIONS = Counter("hetis:migrations_total", "head-group moves (live KV migration)")
+MIGRATED = Counter("hetis:migrated_kv_bytes_total", "KV bytes moved by head-group migration")
 RECOVERED = Counter("hetis:recovered_sequences_total",
                     "sequences recomputed elsewhere after a device was lost")
 TTFT = Histogram("hetis:time_to_first_token_seconds", "time to first token",
@@ -87,7 +89,7 @@ class ServingLoop:
         self.error: str | None = None
         self.thread = threading.Thread(target=self._loop, name="serving-loop", daemon=True)
         self.lock = threading.Lock()
-        self._preemptions = 0
+        self._preemptions = self._migrations = self._migrated = 0
         self.pending_adds = 0
         self.inflight: dict[int, Planned] = {}       # id(instance) -> its step in flight
         self.finished: queue.Queue = queue.Queue()   # (Planned, Future) of steps done
@@ -233,14 +235,19 @@ class ServingLoop:
             if err is None:
                 self._emit(self.engine.end_step(planned, fut.result()))
             else:
-                self.engine.end_step(planned, None)
+                # moves between devices that did not fail were done (the step ran to its end)
+                lost = set(err.devices) if isinstance(err, DevicesLost) and err.ran else None
+                self.engine.end_step(planned, None, lost)
                 if self.engine.instances[planned.instance] is planned.owner:
                     self._failed(planned.instance, err)
                 else:  # its instance was dropped and replaced meanwhile: old news
                     log.info("a step of a replaced instance failed: %s", err)
-            n = self.engine.num_preemptions
+            eng = self.engine
+            n, m, b = eng.num_preemptions, eng.migrations, eng.migrated_bytes
             PREEMPTIONS.inc(max(0, n - self._preemptions))
-            self._preemptions = n
+            MIGRATIONS.inc(m - self._migrations)
+            MIGRATED.inc(b - self._migrated)
+            self._preemptions, self._migrations, self._migrated = n, m, b
 
     def _emit(self, outs: list[StepOutput]) -> None:
         eng = self.engine

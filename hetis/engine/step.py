@@ -72,10 +72,11 @@ class StepTimes:
     total: float = 0.0
     local_attn: float = 0.0
     exchange_wait: float = 0.0
+    move: float = 0.0               # copying migrating head groups' KV, before attention
 
     @property
     def dense(self) -> float:
-        return self.total - self.local_attn - self.exchange_wait
+        return self.total - self.local_attn - self.exchange_wait - self.move
 
 
 class StepFailed(RuntimeError):
@@ -86,11 +87,13 @@ class DevicesLost(StepFailed):
     """The step failed because these attention devices are gone; nothing else is wrong.
 
     The engine drops them from dispatch and recomputes the sequences that had head
-    groups there (``Engine.lose_devices``); no request fails.
+    groups there (``Engine.lose_devices``); no request fails. ``ran``: the step was
+    executed up to its end without them (so its KV moves between other devices were
+    done); False when it never started.
     """
 
-    def __init__(self, devices: list[int], message: str):
-        self.devices = list(devices)
+    def __init__(self, devices: list[int], message: str, ran: bool = True):
+        self.devices, self.ran = list(devices), ran
         super().__init__(message)
 
 

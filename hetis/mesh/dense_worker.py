@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 
 from hetis.defaults import DEFAULT_MODEL_NAME
-from hetis.engine.step import Step, StepTimes
+from hetis.engine.step import AttnItem, Step, StepTimes
 from hetis.mesh import wire
 from hetis.mesh.discovery import Registration, Residency
 from hetis.mesh.flags import DenseWorkerConfig, describe_device
@@ -301,6 +301,11 @@ class DenseWorker:
             if not still_wanted():
                 raise StepAbandoned("its caller gave up waiting; not run")
             self.residency.update(step.work[0], step.freed)
+            for m in step.moves:  # head groups leaving or joining this worker's own device
+                if m.src == 0:
+                    self.residency.drop_group(m.seq_id, m.group)
+                elif m.dst == 0:
+                    self.residency.update([AttnItem(m.seq_id, m.group, 0, m.num_tokens, m.dst_blocks)])
             try:
                 if self.tp:
                     self.tp.broadcast(("step", step))

@@ -181,6 +181,14 @@ class Residency:
             for s in seq_ids:
                 self.blocks.pop(s, None)
 
+    def drop_group(self, seq_id: int, group: int) -> None:
+        """One head group left (migrated to another device)."""
+        with self._lock:
+            gs = self.blocks.get(seq_id, {})
+            gs.pop(group, None)
+            if not gs:
+                self.blocks.pop(seq_id, None)
+
     @property
     def used_tokens(self) -> int:
         with self._lock:

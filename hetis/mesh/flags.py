@@ -148,6 +148,11 @@ class RouterConfig:
     max_num_batched_tokens: int = 1024
     max_model_len: int = 2048
     max_queue: int = 1024
+    kv_headroom: int | None = None     # re-dispatch (EngineConfig): None = full reservation
+    rebalance_threshold: float = 0.5
+    kv_balance: bool = True
+    max_move_tokens: int = 4096
+    migrate_every: int = 0             # test-only: force a head-group move every N steps
     max_prompt_chars: int = 0          # 0: 32 x max_model_len
     startup_timeout: float = 300.0
     metrics_port: int | None = None
@@ -217,6 +222,31 @@ def port_or_zero(s: str) -> int:
     if not 0 <= v <= 65535:
         raise argparse.ArgumentTypeError(f"must be a port number 0..65535 (got {s})")
     return v
+
+
+def nonneg_float(s: str) -> float:
+    v = float(s)
+    if not v >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (got {s})")
+    return v
+
+
+def add_redispatch_flags(ap: argparse.ArgumentParser) -> None:
+    """Re-dispatch (hetis/engine/redispatch.py): the router's and ``hetis up``'s flags."""
+    ap.add_argument("--kv-headroom", type=nonneg_int, default=None, metavar="TOKENS",
+                    help="admit a request reserving its current KV plus this many tokens per "
+                    "head group, and relieve a full device by moving head groups (default: "
+                    "reserve prompt + max_tokens, nothing ever runs short)")
+    ap.add_argument("--rebalance-threshold", type=nonneg_float, default=0.5, metavar="THETA",
+                    help="move a request off the slowest device when the predicted attention "
+                    "time exceeds (1 + THETA) x the ideal; 0: off (default %(default)s)")
+    ap.add_argument("--no-kv-balance", dest="kv_balance", action="store_false",
+                    help="relieve a full device by preemption (recompute) only, never by moves")
+    ap.add_argument("--max-move-tokens", type=positive_int, default=4096, metavar="N",
+                    help="KV one step may migrate, tokens x head groups; one group always goes "
+                    "(default %(default)s)")
+    # test-only: every N steps move one head group (live migration without a reason)
+    ap.add_argument("--migrate-every", type=nonneg_int, default=0, help=argparse.SUPPRESS)
 
 
 def add_worker_flags(ap: argparse.ArgumentParser, default_port: int) -> None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 import grpc
 from prometheus_client import Counter
@@ -44,6 +44,7 @@ class StepStats:
     dense_s: float = 0.0
     local_attn_s: float = 0.0
     exchange_wait_s: float = 0.0
+    move_s: float = 0.0
 
     def add(self, rpc_s: float, t: StepTimes) -> None:
         self.steps += 1
@@ -52,8 +53,10 @@ class StepStats:
         self.dense_s += t.dense
         self.local_attn_s += t.local_attn
         self.exchange_wait_s += t.exchange_wait
+        self.move_s += t.move
         for part, v in (("step_call", rpc_s), ("dense_worker", t.total), ("dense_compute", t.dense),
-                        ("local_attn", t.local_attn), ("exchange_wait", t.exchange_wait)):
+                        ("local_attn", t.local_attn), ("exchange_wait", t.exchange_wait),
+                        ("kv_move", t.move)):
             STEP_TIME.labels(part).inc(v)
 
     def __iadd__(self, o: "StepStats") -> "StepStats":
@@ -67,7 +70,11 @@ GONE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
 class RemoteExecutor:
-    """The executor interface (``execute(step)``), carried out by one dense worker over gRPC."""
+    """The executor interface (``execute(step)``), carried out by one dense worker over gRPC.
+    Head-group moves go with the step; the dense worker copies their KV over its tensor
+    channels before the step's attention (hetis/mesh/tensor_path.py)."""
+
+    supports_moves = True
 
     def __init__(self, stub: worker_pb2_grpc.DenseWorkerStub, name: str, timeout: float = 120.0):
         self.stub, self.name, self.timeout = stub, name, timeout
@@ -83,20 +90,21 @@ class RemoteExecutor:
 
     def execute(self, step: Step) -> list[int]:
         self._step_id += 1
-        if step.moves:  # the router plans none yet; never drop one silently
-            raise StepFailed(f"dense worker {self.name}: head-group moves are not supported over "
-                             "the mesh yet")
         backend_of, n = self.mapping  # swapped whole by Fleet.sync
+
+        def backend(d: int) -> int:
+            if d not in backend_of:  # left its reach meanwhile: recover what lives there
+                raise DevicesLost([d], f"dense worker {self.name}: device {d} is not one of its "
+                                  "backends", ran=False)
+            return backend_of[d]
         work = [[] for _ in range(n)]
         for d, items in enumerate(step.work):
             if items:
-                if d not in backend_of:  # left its reach meanwhile: recover what lives there
-                    raise DevicesLost([d], f"dense worker {self.name}: device {d} is not one "
-                                      "of its backends")
-                work[backend_of[d]] = items
+                work[backend(d)] = items
+        moves = [replace(m, src=backend(m.src), dst=backend(m.dst)) for m in step.moves]
         t0 = time.perf_counter()
         try:
-            resp = self.stub.Step(wire.step_to_proto(Step(step.chunks, work, step.freed),
+            resp = self.stub.Step(wire.step_to_proto(Step(step.chunks, work, step.freed, moves),
                                                      self._step_id), timeout=self.timeout)
         except grpc.RpcError as e:
             msg = f"dense worker {self.name} step failed: {e.code().name}: {e.details()}"
@@ -205,6 +213,24 @@ class Fleet:
             self.device_ids[slot] = p.id
         log.info("attention worker %s joined dispatch as device %d", p.id, d)
         return d
+
+    def note_draining(self, eng: Engine, by_id: dict) -> None:
+        """Attention workers draining in Redis (told to stop) are drained by moves
+        (``Engine.drain_device``); once one has left Redis (or came back as a new process),
+        what is still there is lost."""
+        devs = eng.dispatcher.devices
+        for i, wid in enumerate(self.device_ids):
+            w = by_id.get(wid, {})
+            if self.kinds.get(wid) != "attention" or devs[i].lost:
+                continue
+            if devs[i].draining and not (w.get("alive") and w.get("draining")):
+                moved = eng.lose_devices([i])
+                log.info("attention worker %s left%s", wid,
+                         f": {len(moved)} sequences still there are recomputed" if moved else "")
+            elif not devs[i].draining and w.get("draining"):
+                moved = eng.drain_device(i)
+                log.info("attention worker %s is draining: its head groups move elsewhere%s", wid,
+                         f" ({len(moved)} sequences recomputed)" if moved else "")
 
     def note_losses(self, eng: Engine) -> None:
         """Devices the engine lost leave every instance's reach; the dense workers that had a

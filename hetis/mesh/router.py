@@ -122,7 +122,10 @@ class Router:
         self.model_name, self.dtype = info.model, info.dtype
         ecfg = EngineConfig(block_size=info.block_size, max_num_seqs=cfg.max_num_seqs,
                             max_num_batched_tokens=cfg.max_num_batched_tokens,
-                            max_model_len=min(cfg.max_model_len, mc.max_position))
+                            max_model_len=min(cfg.max_model_len, mc.max_position),
+                            kv_headroom=cfg.kv_headroom, kv_balance=cfg.kv_balance,
+                            rebalance_threshold=cfg.rebalance_threshold,
+                            max_move_tokens=cfg.max_move_tokens, migrate_every=cfg.migrate_every)
         return build_engine(executor, self.tokenizer, mc, ecfg, devices, policy=cfg.policy,
                             kv_bytes=2 if info.dtype == "bfloat16" else 4,
                             detokenize=False)  # done per stream in stream()
@@ -207,11 +210,7 @@ class Router:
             w = by_id.get(wid)
             if w and w["cost_per_token"] > 0 and fleet.kinds.get(wid) == "attention":
                 dev.cost_per_token, dev.cost_per_group = w["cost_per_token"], w["cost_per_group"]
-        for i, wid in enumerate(list(fleet.device_ids)):
-            if fleet.kinds.get(wid) == "attention" and not devices[i].lost \
-                    and by_id.get(wid, {}).get("draining"):
-                moved = call(lambda eng, i=i: eng.lose_devices([i]))
-                log.info("attention worker %s is draining: %d sequences move elsewhere", wid, len(moved))
+        call(lambda eng: fleet.note_draining(eng, by_id))
         call(fleet.note_losses)
         for h in list(fleet.dense.values()):
             self._check_dense(h)

@@ -12,6 +12,14 @@ an int64 layout (freed sequences, then its items); then per layer one packed
 tensor ``[rows, (q_per_group + 2) * head_dim]`` (q, k, v of its items) goes out
 and one ``[rows, q_per_group, head_dim]`` (attention output) comes back. A
 worker with no items this step gets the layout and nothing per layer.
+
+Live migration of a head group (hetis/engine/migration.py) uses two more
+commands, sent before the step's header: ``EXPORT`` (layout ``[seq, group,
+tokens, blocks...]``; the worker answers the shape, then one ``[2, layers,
+tokens, head_dim]`` tensor of K and V) and ``IMPORT`` (the same layout, then
+that tensor, written into the given blocks). A KV move between two attention
+workers passes through the dense worker: pulled from one channel, pushed
+down the other.
 Control (joining, stats) is gRPC; nothing here touches Redis.
 """
 from __future__ import annotations
@@ -29,7 +37,7 @@ from hetis.model.attention import AttentionBackend
 
 log = logging.getLogger("hetis.tensor_path")
 
-CMD_STEP, CMD_PING, CMD_STOP, CMD_KEEPALIVE = 1, 2, 3, 4
+CMD_STEP, CMD_PING, CMD_STOP, CMD_KEEPALIVE, CMD_EXPORT, CMD_IMPORT = 1, 2, 3, 4, 5, 6
 # An idle channel carries a keepalive every KEEPALIVE seconds; the attention worker's end
 # gives up on a channel silent for CHANNEL_TIMEOUT (its dense worker died or is cut off),
 # so a channel never outlives its use on either side.
@@ -169,6 +177,34 @@ class RemoteAttention:
         self._works.clear()
         self._keep.clear()
 
+    def _move_header(self, cmd: int, seq_id: int, group: int, blocks: list[int], n: int) -> None:
+        layout = torch.tensor([seq_id, group, n, len(blocks), *blocks], dtype=torch.int64,
+                              device=self.comm_device)
+        self.channel.send([torch.tensor([cmd, layout.numel()], dtype=torch.int64,
+                                        device=self.comm_device)], ATTN, 0).wait()
+        self.channel.send([layout], ATTN, 0).wait()
+
+    @_guarded
+    def export_kv(self, seq_id: int, group: int, blocks: list[int],
+                  num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A (sequence, group)'s cached K and V from this worker ([layers, tokens, D] each);
+        the worker no longer counts it as resident."""
+        self._move_header(CMD_EXPORT, seq_id, group, blocks, num_tokens)
+        shape = torch.empty(4, dtype=torch.int64, device=self.comm_device)
+        self.channel.recv([shape], ATTN, 0).wait()
+        kv = torch.empty(shape.tolist(), dtype=self.dtype, device=self.comm_device)
+        self.channel.recv([kv], ATTN, 0).wait()
+        kv = kv.to(self.compute_device)
+        return kv[0], kv[1]
+
+    @_guarded
+    def import_kv(self, seq_id: int, group: int, blocks: list[int], k: torch.Tensor,
+                  v: torch.Tensor) -> None:
+        """Write a (sequence, group)'s K and V ([layers, tokens, D]) into ``blocks`` here."""
+        self._move_header(CMD_IMPORT, seq_id, group, blocks, k.shape[1])
+        kv = torch.stack([k, v]).to(device=self.comm_device, dtype=self.dtype).contiguous()
+        self.channel.send([kv], ATTN, 0).wait()
+
     @_guarded
     def ping(self, nbytes: int) -> float:
         """Round trip of ``nbytes`` through the worker, in seconds."""
@@ -244,6 +280,9 @@ class AttentionLoop:
             if cmd == CMD_PING:
                 self._send(self._recv(n, torch.float32))
                 continue
+            if cmd in (CMD_EXPORT, CMD_IMPORT):
+                self._move(cmd, self._recv(n, torch.int64).tolist(), dtype)
+                continue
             items, freed = decode_layout(self._recv(n, torch.int64).cpu())
             self.residency.update(items, freed)
             self.seqs.difference_update(freed)
@@ -261,6 +300,23 @@ class AttentionLoop:
                 spent += time.perf_counter() - t0
                 self._send(out.to(self.comm_device).contiguous())
             self._learn(items, spent)
+
+    def _move(self, cmd: int, layout: list[int], dtype: torch.dtype) -> None:
+        """One head group's KV leaves (EXPORT) or arrives (IMPORT); module doc."""
+        seq_id, group, n, nb = layout[:4]
+        blocks = layout[4:4 + nb]
+        store = self.backend.store
+        if cmd == CMD_EXPORT:
+            k, v = store.export(blocks, n)
+            kv = torch.stack([k, v]).to(self.comm_device).contiguous()
+            self._send(torch.tensor(list(kv.shape), dtype=torch.int64, device=self.comm_device))
+            self._send(kv)
+            self.residency.drop_group(seq_id, group)
+            return
+        kv = self._recv((2, self.L, n, self.backend.head_dim), dtype).to(self.backend.device)
+        store.import_(blocks, kv[0], kv[1])
+        self.residency.update([AttnItem(seq_id, group, 0, n, blocks)])
+        self.seqs.add(seq_id)
 
     def _learn(self, items: list[AttnItem], seconds: float) -> None:
         self.steps += 1

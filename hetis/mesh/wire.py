@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, fields
 
 from hetis.defaults import DTYPE_NAMES
 from hetis.engine.sampling import ParamError, SamplingParams
-from hetis.engine.step import AttnItem, Step, StepChunk, StepTimes
+from hetis.engine.step import AttnItem, KVMove, Step, StepChunk, StepTimes
 from hetis.model.tokenizer import validate_messages
 from hetis.v1 import generation_pb2 as pb
 from hetis.v1 import worker_pb2 as wpb
@@ -214,7 +214,10 @@ def cluster_status_to_proto(snap, model: str, device_ids: list[str], kinds: dict
                           steps=pb.StepBreakdown(
                               steps=steps.steps, step_call_s=steps.rpc_s,
                               dense_worker_s=steps.dense_total_s, dense_compute_s=steps.dense_s,
-                              local_attn_s=steps.local_attn_s, exchange_wait_s=steps.exchange_wait_s))
+                              local_attn_s=steps.local_attn_s, exchange_wait_s=steps.exchange_wait_s,
+                              move_s=steps.move_s),
+                          migrations=snap.migrations, migrated_bytes=snap.migrated_bytes,
+                          preemptions=snap.preemptions)
     instances = {i.name: i for i in snap.instances}
     for wid, dev in zip(device_ids, snap.devices):
         w = workers.get(wid, {})
@@ -247,6 +250,9 @@ def step_to_proto(step: Step, step_id: int) -> wpb.StepRequest:
             for it in items:
                 w.items.add(seq_id=it.seq_id, group=it.group, start=it.start, num_new=it.num_new,
                             blocks=it.blocks)
+    for m in step.moves:
+        req.moves.add(seq_id=m.seq_id, group=m.group, src=m.src, dst=m.dst, num_tokens=m.num_tokens,
+                      src_blocks=m.src_blocks, dst_blocks=m.dst_blocks)
     return req
 
 
@@ -273,7 +279,17 @@ def step_from_proto(req: wpb.StepRequest, num_backends: int) -> Step:
                              "are connected")
         work[w.backend] = [AttnItem(it.seq_id, it.group, it.start, it.num_new, list(it.blocks))
                            for it in w.items]
-    return Step(chunks, work, list(req.freed_seq_ids))
+    moves = []
+    for i, m in enumerate(req.moves):
+        for name in ("src", "dst"):
+            if getattr(m, name) >= num_backends:
+                raise ParamError(f"moves[{i}].{name}", f"{getattr(m, name)} but only {num_backends} "
+                                 "backends are connected")
+        if m.src == m.dst or not m.num_tokens:
+            raise ParamError(f"moves[{i}]", "a move needs two different backends and tokens")
+        moves.append(KVMove(m.seq_id, m.group, m.src, m.dst, m.num_tokens, list(m.src_blocks),
+                            list(m.dst_blocks)))
+    return Step(chunks, work, list(req.freed_seq_ids), moves)
 
 
 # A Step that failed because attention workers were lost says which backends, in its
@@ -295,12 +311,13 @@ def lost_backends_from_metadata(metadata) -> list[int]:
 
 def step_result_to_proto(step_id: int, tokens: list[int], t: StepTimes) -> wpb.StepResponse:
     return wpb.StepResponse(step_id=step_id, token_ids=tokens, timings=wpb.StepTimings(
-        total_s=t.total, dense_s=t.dense, local_attn_s=t.local_attn, exchange_wait_s=t.exchange_wait))
+        total_s=t.total, dense_s=t.dense, local_attn_s=t.local_attn, exchange_wait_s=t.exchange_wait,
+        move_s=t.move))
 
 
 def step_result_from_proto(resp: wpb.StepResponse) -> tuple[list[int], StepTimes]:
     t = resp.timings
-    return list(resp.token_ids), StepTimes(t.total_s, t.local_attn_s, t.exchange_wait_s)
+    return list(resp.token_ids), StepTimes(t.total_s, t.local_attn_s, t.exchange_wait_s, t.move_s)
 
 
 # ------------------------------------------------------------------ membership (dense <-> attention)

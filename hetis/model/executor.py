@@ -77,20 +77,26 @@ class Executor:
         self.last_times.total = time.perf_counter() - t0
         return toks
 
-    def _move(self, moves) -> None:
+    def _move(self, moves, remote) -> None:
         """Copy migrating head groups' KV between backends, before the step's attention
-        (hetis/engine/migration.py). In-process backends only: over the mesh the copies go
-        on the tensor channels (not built yet; the router plans no moves)."""
+        (hetis/engine/migration.py): in-process stores directly; a remote backend's KV is
+        pulled over its tensor channel and pushed down the destination's. ``remote(b, op,
+        *args)`` runs a remote backend's op, None once that backend failed: a move from a
+        failed source is not written anywhere (the step fails and the router recomputes)."""
         for m in moves:
             if m.group not in self.groups:
-                continue
+                continue  # another tensor-parallel rank's group
             src, dst = self.backends[m.src], self.backends[m.dst]
-            if getattr(src, "remote", False) or getattr(dst, "remote", False) \
-                    or not hasattr(src, "store") or not hasattr(dst, "store"):
-                raise ValueError(f"moves: backend {m.src} -> {m.dst} cannot copy KV here "
-                                 "(remote migration is not built)")
-            k, v = src.store.export(m.src_blocks, m.num_tokens)
-            dst.store.import_(m.dst_blocks, k, v)
+            if getattr(src, "remote", False):
+                kv = remote(m.src, src.export_kv, m.seq_id, m.group, m.src_blocks, m.num_tokens)
+            else:
+                kv = src.store.export(m.src_blocks, m.num_tokens)
+            if kv is None:
+                continue
+            if getattr(dst, "remote", False):
+                remote(m.dst, dst.import_kv, m.seq_id, m.group, m.dst_blocks, *kv)
+            else:
+                dst.store.import_(m.dst_blocks, *kv)
 
     def forward(self, step: Step) -> torch.Tensor:
         """Run the step; float32 logits of the chunks with ``sample``, in order. A remote
@@ -99,7 +105,6 @@ class Executor:
         chunks, items, freed = step.chunks, step.work, step.freed
         if self.partial:  # a TP rank's share
             items = [[it for it in its if it.group in self.groups] for its in items]
-        self._move(step.moves)
         failed: dict[int, BaseException] = {}
 
         def remote(b, op, *args):
@@ -110,16 +115,19 @@ class Executor:
             except Exception as e:  # noqa: BLE001 - remote backends raise only their loss
                 failed[b] = e
                 return None
+        tm = time.perf_counter()
+        self._move(step.moves, remote)
+        moved = time.perf_counter() - tm
         if not chunks:  # nothing to compute: only tell remote workers what was freed
             for b, be in enumerate(self.backends):
                 if getattr(be, "remote", False):
                     remote(b, be.begin_step, [], freed)
                     remote(b, be.end_step)
-            self.last_times = StepTimes()
+            self.last_times = StepTimes(move=moved)
             if failed:
                 raise RemoteFailed(failed)
             return torch.empty(0, self.model.cfg.vocab_size, device=self.device)
-        times = StepTimes()
+        times = StepTimes(move=moved)
         ids, pos, offsets, logit_rows = [], [], {}, []
         t = 0
         for c in chunks:

@@ -167,33 +167,41 @@ class WorkerStatus(_message.Message):
     def __init__(self, id: _Optional[str] = ..., kind: _Optional[str] = ..., device: _Optional[str] = ..., address: _Optional[str] = ..., alive: _Optional[bool] = ..., resident: _Optional[_Iterable[_Union[ResidentGroups, _Mapping]]] = ..., kv_used_tokens: _Optional[int] = ..., kv_total_tokens: _Optional[int] = ..., load: _Optional[float] = ..., cost_per_token: _Optional[float] = ..., steps: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ...) -> None: ...
 
 class StepBreakdown(_message.Message):
-    __slots__ = ("steps", "step_call_s", "dense_worker_s", "dense_compute_s", "local_attn_s", "exchange_wait_s")
+    __slots__ = ("steps", "step_call_s", "dense_worker_s", "dense_compute_s", "local_attn_s", "exchange_wait_s", "move_s")
     STEPS_FIELD_NUMBER: _ClassVar[int]
     STEP_CALL_S_FIELD_NUMBER: _ClassVar[int]
     DENSE_WORKER_S_FIELD_NUMBER: _ClassVar[int]
     DENSE_COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
     LOCAL_ATTN_S_FIELD_NUMBER: _ClassVar[int]
     EXCHANGE_WAIT_S_FIELD_NUMBER: _ClassVar[int]
+    MOVE_S_FIELD_NUMBER: _ClassVar[int]
     steps: int
     step_call_s: float
     dense_worker_s: float
     dense_compute_s: float
     local_attn_s: float
     exchange_wait_s: float
-    def __init__(self, steps: _Optional[int] = ..., step_call_s: _Optional[float] = ..., dense_worker_s: _Optional[float] = ..., dense_compute_s: _Optional[float] = ..., local_attn_s: _Optional[float] = ..., exchange_wait_s: _Optional[float] = ...) -> None: ...
+    move_s: float
+    def __init__(self, steps: _Optional[int] = ..., step_call_s: _Optional[float] = ..., dense_worker_s: _Optional[float] = ..., dense_compute_s: _Optional[float] = ..., local_attn_s: _Optional[float] = ..., exchange_wait_s: _Optional[float] = ..., move_s: _Optional[float] = ...) -> None: ...
 
 class ClusterStatus(_message.Message):
-    __slots__ = ("workers", "policy", "waiting", "running", "model", "steps")
+    __slots__ = ("workers", "policy", "waiting", "running", "model", "steps", "migrations", "migrated_bytes", "preemptions")
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
     WAITING_FIELD_NUMBER: _ClassVar[int]
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
+    MIGRATIONS_FIELD_NUMBER: _ClassVar[int]
+    MIGRATED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
     workers: _containers.RepeatedCompositeFieldContainer[WorkerStatus]
     policy: str
     waiting: int
     running: int
     model: str
     steps: StepBreakdown
-    def __init__(self, workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., policy: _Optional[str] = ..., waiting: _Optional[int] = ..., running: _Optional[int] = ..., model: _Optional[str] = ..., steps: _Optional[_Union[StepBreakdown, _Mapping]] = ...) -> None: ...
+    migrations: int
+    migrated_bytes: int
+    preemptions: int
+    def __init__(self, workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., policy: _Optional[str] = ..., waiting: _Optional[int] = ..., running: _Optional[int] = ..., model: _Optional[str] = ..., steps: _Optional[_Union[StepBreakdown, _Mapping]] = ..., migrations: _Optional[int] = ..., migrated_bytes: _Optional[int] = ..., preemptions: _Optional[int] = ...) -> None: ...

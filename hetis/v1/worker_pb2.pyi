@@ -48,29 +48,51 @@ class BackendWork(_message.Message):
     items: _containers.RepeatedCompositeFieldContainer[AttnItemSpec]
     def __init__(self, backend: _Optional[int] = ..., items: _Optional[_Iterable[_Union[AttnItemSpec, _Mapping]]] = ...) -> None: ...
 
+class KVMoveSpec(_message.Message):
+    __slots__ = ("seq_id", "group", "src", "dst", "num_tokens", "src_blocks", "dst_blocks")
+    SEQ_ID_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    SRC_FIELD_NUMBER: _ClassVar[int]
+    DST_FIELD_NUMBER: _ClassVar[int]
+    NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SRC_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    DST_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    seq_id: int
+    group: int
+    src: int
+    dst: int
+    num_tokens: int
+    src_blocks: _containers.RepeatedScalarFieldContainer[int]
+    dst_blocks: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, seq_id: _Optional[int] = ..., group: _Optional[int] = ..., src: _Optional[int] = ..., dst: _Optional[int] = ..., num_tokens: _Optional[int] = ..., src_blocks: _Optional[_Iterable[int]] = ..., dst_blocks: _Optional[_Iterable[int]] = ...) -> None: ...
+
 class StepRequest(_message.Message):
-    __slots__ = ("step_id", "chunks", "work", "freed_seq_ids")
+    __slots__ = ("step_id", "chunks", "work", "freed_seq_ids", "moves")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     CHUNKS_FIELD_NUMBER: _ClassVar[int]
     WORK_FIELD_NUMBER: _ClassVar[int]
     FREED_SEQ_IDS_FIELD_NUMBER: _ClassVar[int]
+    MOVES_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     chunks: _containers.RepeatedCompositeFieldContainer[ChunkSpec]
     work: _containers.RepeatedCompositeFieldContainer[BackendWork]
     freed_seq_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, step_id: _Optional[int] = ..., chunks: _Optional[_Iterable[_Union[ChunkSpec, _Mapping]]] = ..., work: _Optional[_Iterable[_Union[BackendWork, _Mapping]]] = ..., freed_seq_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    moves: _containers.RepeatedCompositeFieldContainer[KVMoveSpec]
+    def __init__(self, step_id: _Optional[int] = ..., chunks: _Optional[_Iterable[_Union[ChunkSpec, _Mapping]]] = ..., work: _Optional[_Iterable[_Union[BackendWork, _Mapping]]] = ..., freed_seq_ids: _Optional[_Iterable[int]] = ..., moves: _Optional[_Iterable[_Union[KVMoveSpec, _Mapping]]] = ...) -> None: ...
 
 class StepTimings(_message.Message):
-    __slots__ = ("total_s", "dense_s", "local_attn_s", "exchange_wait_s")
+    __slots__ = ("total_s", "dense_s", "local_attn_s", "exchange_wait_s", "move_s")
     TOTAL_S_FIELD_NUMBER: _ClassVar[int]
     DENSE_S_FIELD_NUMBER: _ClassVar[int]
     LOCAL_ATTN_S_FIELD_NUMBER: _ClassVar[int]
     EXCHANGE_WAIT_S_FIELD_NUMBER: _ClassVar[int]
+    MOVE_S_FIELD_NUMBER: _ClassVar[int]
     total_s: float
     dense_s: float
     local_attn_s: float
     exchange_wait_s: float
-    def __init__(self, total_s: _Optional[float] = ..., dense_s: _Optional[float] = ..., local_attn_s: _Optional[float] = ..., exchange_wait_s: _Optional[float] = ...) -> None: ...
+    move_s: float
+    def __init__(self, total_s: _Optional[float] = ..., dense_s: _Optional[float] = ..., local_attn_s: _Optional[float] = ..., exchange_wait_s: _Optional[float] = ..., move_s: _Optional[float] = ...) -> None: ...
 
 class StepResponse(_message.Message):
     __slots__ = ("step_id", "token_ids", "timings")

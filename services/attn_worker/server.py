@@ -1,6 +1,9 @@
 """The AttentionWorker servicer: Join and Stats, mapped onto hetis.mesh.attn_worker."""
 from __future__ import annotations
 
+import logging
+import os
+
 import grpc
 
 from hetis.mesh import wire
@@ -36,3 +39,9 @@ def run(cfg: WorkerConfig) -> None:
     serve_worker("attn_worker", cfg, worker,
                  lambda s: worker_pb2_grpc.add_AttentionWorkerServicer_to_server(impl, s),
                  "hetis.v1.AttentionWorker")
+    if worker.live_loops:
+        # drained, but a dense worker still holds its channel open (it is closed from that
+        # end): a thread blocked in a gloo recv would abort the interpreter's exit, so leave
+        # without running destructors; the work is done and the logs are flushed
+        logging.shutdown()
+        os._exit(0)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import argparse
 
 from hetis import defaults
-from hetis.mesh.flags import (RouterConfig, add_security_flags, api_key_arg, from_args,
+from hetis.mesh.flags import (RouterConfig, add_redispatch_flags, add_security_flags, api_key_arg, from_args,
                                nonneg_int, port_or_zero, positive_int)
 from hetis.security import api_key_from_env
 
@@ -57,6 +57,7 @@ def parse(argv=None) -> RouterConfig:
     ap.add_argument("--max-prompt-chars", type=nonneg_int, default=0,
                     help="longer prompts (or chats) get INVALID_ARGUMENT before tokenizing "
                     "(default 0: 32 x --max-model-len)")
+    add_redispatch_flags(ap)
     ap.add_argument("--startup-timeout", type=float, default=300.0,
                     help="seconds to wait for the workers at start")
     ap.add_argument("--metrics-port", type=int, default=None, help="Prometheus port (0: free one)")

@@ -218,7 +218,7 @@ def test_a_restarted_dense_worker_is_used_again_without_restarting_the_router(ll
         c.stop()
 
 
-def test_sigterm_drains_an_attention_worker_first(llm):
+def test_sigterm_drains_an_attention_worker_by_moving_its_head_groups(llm):
     import signal
 
     def sigterm(c):
@@ -227,4 +227,8 @@ def test_sigterm_drains_an_attention_worker_first(llm):
         assert p.wait(60) == 0  # it left by itself, once drained
         log = next(ch for ch in c.local.children if ch.name == "attn-1").tail(200)
         assert "drained: nothing left here" in log, log  # moved away before it left
-    _streams_through_a_fault(llm, sigterm)
+
+    def moved_not_recomputed(c, stub):
+        st = stub.GetClusterStatus(pb.ClusterStatusRequest(), timeout=10)
+        assert st.migrations > 0 and st.migrated_bytes > 0 and st.preemptions == 0, st
+    _streams_through_a_fault(llm, sigterm, then=moved_not_recomputed)
