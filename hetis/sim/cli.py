@@ -6,7 +6,7 @@ import json
 import sys
 
 from hetis.defaults import POLICIES
-from hetis.mesh.flags import positive_int, positive_rate
+from hetis.mesh.flags import nonneg_int, positive_int, positive_rate
 
 
 def _gpu_count(s: str) -> tuple[str, int]:
@@ -112,6 +112,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--max-num-seqs", type=positive_int, default=256, metavar="N")
     p.add_argument("--max-num-batched-tokens", type=positive_int, default=4096, metavar="N")
     p.add_argument("--max-model-len", type=positive_int, default=4096, metavar="N")
+    p.add_argument("--kv-headroom", type=nonneg_int, default=None, metavar="TOKENS",
+                   help="re-dispatch: admit reserving current KV + TOKENS per group and move "
+                   "head groups when a device runs short (default: full reservation)")
     p.add_argument("--slo-ttft", type=float, default=None, metavar="S",
                    help="with --slo-tpot: find the highest rate at which P95 TTFT <= S seconds "
                    "and P95 TPOT <= --slo-tpot (--rate is then ignored)")
@@ -146,7 +149,8 @@ def cmd_simulate(args) -> int:
         with tqdm(total=len(reqs), desc="simulate", unit="req", disable=args.json,
                   file=sys.stderr) as bar:
             res = simulate(dep, shape, reqs, args.policy, args.max_num_seqs,
-                           args.max_num_batched_tokens, args.max_model_len, progress=bar.update)
+                           args.max_num_batched_tokens, args.max_model_len, progress=bar.update,
+                           kv_headroom=args.kv_headroom)
     except ValueError as e:
         raise UsageError(str(e)) from None
     s = res.summary()
@@ -172,7 +176,8 @@ def _max_rate(args) -> int:
         rate, s = max_rate(dep, shape, args.workload, args.num_requests, args.seed, args.slo_ttft,
                            args.slo_tpot, args.policy, max_model_len=args.max_model_len,
                            max_num_seqs=args.max_num_seqs,
-                           max_num_batched_tokens=args.max_num_batched_tokens)
+                           max_num_batched_tokens=args.max_num_batched_tokens,
+                           kv_headroom=args.kv_headroom)
     except ValueError as e:
         raise UsageError(str(e)) from None
     out = {"model": shape.name, "deployment": dep.describe(), "policy": args.policy,

@@ -86,7 +86,11 @@ def engine_model_config(shape: ModelShape) -> ModelConfig:
 
 
 class SimExecutor:
-    """``execute(step)``: advance the clock by the step's predicted time; sample token 1."""
+    """``execute(step)``: advance the clock by the step's predicted time; sample token 1.
+    Head-group moves (re-dispatch) cost their KV bytes over the links they cross (an
+    attention worker's link on each end that is not the primary), before the step."""
+
+    supports_moves = True
 
     def __init__(self, clock: Clock, shape: ModelShape, primary: DeviceModel, tp: int,
                  intra: Link, attention: list[tuple[DeviceModel, Link]]):
@@ -109,8 +113,13 @@ class SimExecutor:
         shape, L = self.shape, self.shape.num_layers
         n_tok = step.num_tokens
         n_sampled = sum(1 for c in step.chunks if c.sample)
+        moves = 0.0
+        for m in step.moves:  # K and V, every layer, 2-byte elements
+            nbytes = 2 * L * m.num_tokens * shape.head_dim * 2
+            moves += sum(self.devices[b][1].time(nbytes) for b in (m.src, m.dst)
+                         if self.devices[b][1] is not None)
         if not n_tok:
-            return 0.0
+            return moves
         dense = self.primary.dense_time(shape, n_tok, L, tp=self.tp)
         dense += self.primary.lm_head_time(shape, n_sampled, tp=self.tp)
         if self.tp > 1:  # two ring all-reduces of the activations per layer
@@ -127,7 +136,7 @@ class SimExecutor:
                 t += L * lk.time(rows * self.row_bytes)
             self.attn_s[b] += t
             slowest = max(slowest, t)
-        return dense + slowest
+        return moves + dense + slowest
 
     def _attention(self, model: DeviceModel, items, primary: bool) -> float:
         shape, L = self.shape, self.shape.num_layers
@@ -196,15 +205,19 @@ class SimResult:
             "tpot_p50_s": pct(tpot, 50), "tpot_p95_s": pct(tpot, 95), "tpot_p99_s": pct(tpot, 99),
             "kv_blocks": self.kv_blocks, "kv_blocks_per_device": self.kv_blocks_per_device,
             "attention_busy_s": self.attention_busy_s, "preemptions": self.preemptions,
+            "migrations": self.extra.get("migrations", 0),
         }
 
 
 def build(dep: Deployment, shape: ModelShape, clock: Clock, policy: str = "hetis",
           max_num_seqs: int = 256, max_num_batched_tokens: int = 4096,
-          max_model_len: int = 4096, measured: dict | None = None):
+          max_model_len: int = 4096, measured: dict | None = None,
+          kv_headroom: int | None = None):
     """(engine, executor, KV blocks per device) of a deployment, over the real engine.
     ``measured`` maps device names to device models measured elsewhere (a
-    :class:`hetis.sim.measured.MeasuredDevice`), used instead of a GPU's roofline."""
+    :class:`hetis.sim.measured.MeasuredDevice`), used instead of a GPU's roofline.
+    ``kv_headroom``: re-dispatch's optimistic admission (``EngineConfig``; moves cost
+    their bytes over the links, ``SimExecutor``)."""
     gpus, measured = load_gpus(), measured or {}
     for name in [dep.primary_gpu] + [p.gpu for p in dep.attention]:
         if name not in gpus and name not in measured:
@@ -233,7 +246,8 @@ def build(dep: Deployment, shape: ModelShape, clock: Clock, policy: str = "hetis
                               bandwidth=lk.bandwidth_bps if lk else math.inf))
     executor = SimExecutor(clock, shape, primary, tp, intra, models)
     cfg = EngineConfig(block_size=BLOCK_SIZE, max_num_seqs=max_num_seqs,
-                       max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len)
+                       max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
+                       kv_headroom=kv_headroom)
     mc = engine_model_config(shape)
     engine = build_engine(executor, _Tokens(shape.vocab), mc, cfg, devices, policy=policy,
                           kv_bytes=2, detokenize=False)
@@ -242,11 +256,12 @@ def build(dep: Deployment, shape: ModelShape, clock: Clock, policy: str = "hetis
 
 def simulate(dep: Deployment, shape: ModelShape, requests: list[Request], policy: str = "hetis",
              max_num_seqs: int = 256, max_num_batched_tokens: int = 4096,
-             max_model_len: int = 4096, progress=None, measured: dict | None = None) -> SimResult:
+             max_model_len: int = 4096, progress=None, measured: dict | None = None,
+             kv_headroom: int | None = None) -> SimResult:
     """Run ``requests`` through ``dep`` on a virtual clock; every request's timings."""
     clock = Clock()
     engine, executor, blocks = build(dep, shape, clock, policy, max_num_seqs,
-                                     max_num_batched_tokens, max_model_len, measured)
+                                     max_num_batched_tokens, max_model_len, measured, kv_headroom)
     pending = sorted(requests, key=lambda r: (r.arrival_s, r.request_id))
     stats = {r.request_id: RequestStats(r.request_id, r.arrival_s, r.prompt_len, r.output_len)
              for r in pending}
@@ -279,8 +294,8 @@ def simulate(dep: Deployment, shape: ModelShape, requests: list[Request], policy
                 break  # nothing can ever run: the rest stays unfinished
     unfinished = sum(1 for s in stats.values() if s.finish_s is None)
     return SimResult(dep.describe(), policy, list(stats.values()), clock.now, executor.steps,
-                     sum(blocks), blocks, executor.attn_s, engine.scheduler.num_preemptions,
-                     unfinished)
+                     sum(blocks), blocks, executor.attn_s, engine.num_preemptions,
+                     unfinished, extra={"migrations": engine.migrations})
 
 
 def meets(summary: dict, slo_ttft: float, slo_tpot: float) -> bool:

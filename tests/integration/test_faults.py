@@ -19,14 +19,14 @@ def test_redis_restart_loses_no_stream_and_status_recovers(llm):
     c = Cluster(attn_workers=1, policy="round-robin")
     try:
         prompt = "The rain in Spain falls mainly on the"
-        want = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=48, ignore_eos=True))[0]
+        want = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))[0]
         with grpc.insecure_channel(c.target) as ch:
             stub = generation_pb2_grpc.GenerationStub(ch)
             got = {}
 
             def stream():
                 req = pb.GenerateRequest(prompt=prompt, sampling=pb.SamplingParams(
-                    temperature=0, max_tokens=48, ignore_eos=True))
+                    temperature=0, max_tokens=32, ignore_eos=True))
                 got["ids"] = [t for chunk in stub.Generate(req, timeout=300) for t in chunk.token_ids]
             th = threading.Thread(target=stream)
             th.start()
@@ -76,20 +76,21 @@ def _greedy(stub, prompt: str, n: int) -> list[int]:
     return [t for chunk in stub.Generate(req, timeout=300) for t in chunk.token_ids]
 
 
-def _streams_through_a_fault(llm, fault, dense_args=(), then=None):
-    """16 streams (8 greedy, 8 seeded) on a mesh with two attention workers (round-robin:
-    both hold groups); ``fault(cluster)`` hits attn-1 once every stream has produced tokens."""
+def _streams_through_a_fault(llm, fault, dense_args=(), then=None, n=8, tokens=24):
+    """``n`` streams (half greedy, half seeded) on a mesh with two attention workers
+    (round-robin: both hold groups); ``fault(cluster)`` hits attn-1 once every stream has
+    produced tokens."""
     c = Cluster(attn_workers=2, policy="round-robin", dense_args=dense_args)
     try:
         base = llm.tokenizer.encode("The history of the printing press begins in the fifteenth century, when ")
-        prompts = [base[: 4 + i] for i in range(16)]
+        prompts = [base[: 4 + i] for i in range(n)]
         # even streams greedy, odd ones seeded sampling: both must come out exactly
-        sampling = [dict(temperature=0, max_tokens=40, ignore_eos=True) if i % 2 == 0 else
-                    dict(temperature=0.8, top_p=0.95, seed=100 + i, max_tokens=40, ignore_eos=True)
-                    for i in range(16)]
+        sampling = [dict(temperature=0, max_tokens=tokens, ignore_eos=True) if i % 2 == 0 else
+                    dict(temperature=0.8, top_p=0.95, seed=100 + i, max_tokens=tokens, ignore_eos=True)
+                    for i in range(n)]
         want = [o.token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts],
                                                   [SamplingParams(**sp) for sp in sampling])]
-        got, started, errors = [None] * 16, threading.Barrier(17), []
+        got, started, errors = [None] * n, threading.Barrier(n + 1), []
         with grpc.insecure_channel(c.target) as ch:
             stub = generation_pb2_grpc.GenerationStub(ch)
 
@@ -105,7 +106,7 @@ def _streams_through_a_fault(llm, fault, dense_args=(), then=None):
                 except grpc.RpcError as e:
                     errors.append(e.details())
                 got[i] = toks
-            threads = [threading.Thread(target=one, args=(i,)) for i in range(16)]
+            threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
             for th in threads:
                 th.start()
             started.wait(300)
@@ -177,7 +178,7 @@ def test_a_frozen_attention_worker_is_lost_after_the_peer_timeout(llm):
 
     def freeze(c):
         c.proc("attn-1").send_signal(signal.SIGSTOP)
-    _streams_through_a_fault(llm, freeze, dense_args=("--peer-timeout", "3"))
+    _streams_through_a_fault(llm, freeze, dense_args=("--peer-timeout", "3"), n=6, tokens=16)
 
 
 def test_a_restarted_dense_worker_is_used_again_without_restarting_the_router(llm):

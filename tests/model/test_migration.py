@@ -29,9 +29,9 @@ def test_a_full_backend_moves_head_groups_instead_of_preempting(llm, prompts):
     poor = LLM(num_backends=2, policy="hetis", kv_tokens=[512, 8192], kv_headroom=0,
                max_model_len=512)
     reqs = [{"prompt_token_ids": p} for p in prompts[:6]]
-    for sp in PARAMS:
-        want = [o.token_ids for o in llm.generate(reqs, sp)]
-        assert [o.token_ids for o in poor.generate(reqs, sp)] == want
+    sp = PARAMS[1]  # seeded sampling (greedy and seeded moves: the test above)
+    want = [o.token_ids for o in llm.generate(reqs, sp)]
+    assert [o.token_ids for o in poor.generate(reqs, sp)] == want
     eng = poor.engine
     assert eng.migrations > 0 and eng.num_preemptions == 0
     assert all(m.used_tokens == 0 for m in eng.managers)
