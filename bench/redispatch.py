@@ -9,7 +9,8 @@ two roomy attention workers. The same requests (chat questions, greedy, a long
 ``max_tokens`` that most replies stop well short of, all submitted at once) run
 under three router configurations:
 
-a. ``full``: today's admission, reserving prompt + max_tokens per head group;
+a. ``full``: today's admission, reserving prompt + max_tokens per head group, and
+   no moves (``--rebalance-threshold 0``);
 b. ``preempt``: ``--kv-headroom 0 --no-kv-balance --rebalance-threshold 0``:
    optimistic admission, a device that runs short preempts (recompute);
 c. ``redispatch``: ``--kv-headroom 0``: optimistic admission with KV balance and
@@ -18,8 +19,10 @@ c. ``redispatch``: ``--kv-headroom 0``: optimistic admission with KV balance and
 For each: output tok/s over the whole run, TPOT p50/p99, end-to-end latency mean
 and p95, the status counters (migrations, migrated bytes, preemptions) and the
 step time spent copying KV, from which the migration cost per moved group (bytes,
-seconds of step stall) follows. Every configuration must produce the same tokens
-(greedy): the run checks it. Writes bench/results/redispatch.{json,png}.
+seconds of step stall) follows. In float32 every configuration must produce the same
+tokens (greedy; the run fails otherwise); in bfloat16 a recompute or another batch
+composition may round differently, so the run reports the share of requests whose
+tokens match the ``full`` run's. Writes bench/results/redispatch.{json,png}.
 """
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ import time
 from bench.run_all import OUT
 
 CONFIGS = {
-    "full": [],
+    "full": ["--rebalance-threshold", "0"],
     "preempt": ["--kv-headroom", "0", "--no-kv-balance", "--rebalance-threshold", "0"],
     "redispatch": ["--kv-headroom", "0"],
 }
@@ -172,10 +175,12 @@ def main(argv=None) -> int:
             redis.stop()
         print(json.dumps({k: v for k, v in res[name].items() if not k.startswith("_")
                           and k != "output_lengths"}), flush=True)
-    same = all(res[n]["_tokens"] == res["full"]["_tokens"] for n in CONFIGS)
+    ref = res["full"]["_tokens"]
+    res["same_tokens_as_full"] = {n: sum(a == b for a, b in zip(res[n]["_tokens"], ref)) / len(ref)
+                                  for n in CONFIGS}
+    same = all(v == 1.0 for v in res["same_tokens_as_full"].values())
     for n in CONFIGS:
         del res[n]["_tokens"]
-    res["tokens_identical_across_configs"] = same
     c, b = res["redispatch"], res["preempt"]
     res["redispatch_vs_preempt"] = {
         "output_throughput": c["output_throughput"] / b["output_throughput"],
@@ -187,10 +192,10 @@ def main(argv=None) -> int:
     with open(OUT / "redispatch.json", "w") as f:
         json.dump(res, f, indent=2)
     plot(res, str(OUT / "redispatch.png"))
-    print(json.dumps({k: res[k] for k in ("tokens_identical_across_configs", "redispatch_vs_preempt",
+    print(json.dumps({k: res[k] for k in ("same_tokens_as_full", "redispatch_vs_preempt",
                                           "redispatch_vs_full")}, indent=2))
     print(f"wrote {OUT / 'redispatch.json'} and redispatch.png")
-    return 0 if same else 1
+    return 0 if same or args.dtype != "float32" else 1
 
 
 if __name__ == "__main__":

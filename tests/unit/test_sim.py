@@ -131,3 +131,17 @@ def test_max_rate_meets_the_slos_and_a_tighter_slo_lowers_it():
     assert loose == math.inf
     assert 0 < mid < math.inf and meets(s_mid, 0.5, 0.013)
     assert (never, s_never) == (0.0, None)
+
+
+def test_re_dispatch_runs_in_the_simulation():
+    """The real re-dispatch policy on the virtual clock: compute rebalancing moves head
+    groups between the A100s and the 3090s; optimistic admission (kv_headroom) on a 70B
+    model, whose weights leave the primary little KV, changes what runs; all complete."""
+    dep = Deployment("a100-80g", 2, attention=(AttentionPool("rtx3090", 2, "ethernet-100g"),))
+    reqs = make_requests("sharegpt", 50.0, 120, 0, max_model_len=4096)
+    shape = model_shape("llama-2-70b")
+    full = simulate(dep, shape, reqs, max_model_len=4096).summary()
+    lean = simulate(dep, shape, reqs, max_model_len=4096, kv_headroom=0).summary()
+    assert lean["completed"] == full["completed"] == 120
+    assert full["migrations"] > 0 and lean["migrations"] > 0
+    assert lean["duration_s"] != full["duration_s"]
