@@ -233,6 +233,7 @@ class Engine:
         has nothing to do; outputs of sequences refused as never fitting). A step with no
         chunks only carries freed sequence ids. Close it with :meth:`end_step`."""
         inst = self.instances[index]
+        migration.advance(self, index)  # pre-copies first: they are under way
         every = self.cfg.migrate_every
         if every and inst.steps and inst.steps % every == 0:
             migration.force_one(self, index)

@@ -43,6 +43,7 @@ class Instance:
     steps: int = 0                  # steps executed (cumulative)
     step_s: float | None = None     # EWMA of its step time, seconds
     moves: list = field(default_factory=list)  # planned head-group moves (migration.py)
+    migrating: list = field(default_factory=list)  # pre-copies under way (migration.py)
 
     def observe(self, seconds: float, alpha: float = 0.2) -> None:
         self.steps += 1

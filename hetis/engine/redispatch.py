@@ -69,15 +69,19 @@ def _dest(engine, inst, seq: Sequence, group: int, src: int, tokens, groups,
     return best
 
 
-def _move_off(engine, index: int, seq: Sequence, src: int, state=None) -> int:
-    """Plan moves of ``seq``'s groups on ``src`` elsewhere; the number planned."""
+def _move_off(engine, index: int, seq: Sequence, src: int, state=None, urgent: bool = True) -> int:
+    """Plan moves of ``seq``'s groups on ``src`` elsewhere (pre-copied unless ``urgent``);
+    the number planned."""
     inst = engine.instances[index]
     tokens, groups, reserved = state or engine.dispatcher.state()
     need = cdiv(engine.dispatcher.expected_len(seq), engine.dispatcher.block_size)
     moved = 0
     for g in _on(seq, src):
+        if migration.moving(inst, seq, g):  # already on its way: now, if urgent
+            moved += bool(urgent and migration.hurry(engine, inst, seq, g))
+            continue
         dst = _dest(engine, inst, seq, g, src, tokens, groups, reserved)
-        if dst is None or not migration.plan(engine, index, seq, g, dst):
+        if dst is None or not migration.plan(engine, index, seq, g, dst, urgent):
             break
         tokens[dst] += seq.num_tokens
         groups[dst] += 1
@@ -164,7 +168,7 @@ def rebalance(engine, index: int) -> bool:
     gain = d.devices[dst].time(tokens[dst] + k * seq.num_tokens, groups[dst] + k, d.row_bytes, d.L)
     if max(after, gain) >= times[slow]:
         return False
-    return _move_off(engine, index, seq, slow, (tokens, groups, reserved)) > 0
+    return _move_off(engine, index, seq, slow, (tokens, groups, reserved), urgent=False) > 0
 
 
 def drain(engine, index: int) -> int:
@@ -176,14 +180,14 @@ def drain(engine, index: int) -> int:
     planned = 0
     for dev in draining:
         for seq in list(inst.scheduler.running):
-            if not _on(seq, dev):
-                continue
+            todo = [g for g in _on(seq, dev) if not migration.moving(inst, seq, g)]
+            if not todo:
+                continue  # nothing there, or all of it already on its way
             if migration.can_move(inst) and seq.num_computed:
-                if inst.moves and migration.budget_left(engine, inst) < seq.num_computed:
-                    return planned  # the rest goes with the next steps
-                n = _move_off(engine, index, seq, dev)
+                n = _move_off(engine, index, seq, dev, urgent=False)
                 planned += n
-                if n:
-                    continue  # what is left there (over the budget) goes next step
+                state = d.state()
+                if n or _dest(engine, inst, seq, todo[0], dev, *state) is not None:
+                    continue  # on its way, or room elsewhere for the next steps
             inst.scheduler.preempt(seq)  # nowhere to go (or nothing to copy): recompute
     return planned

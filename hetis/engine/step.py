@@ -42,6 +42,7 @@ class KVMove:
     num_tokens: int
     src_blocks: list[int]
     dst_blocks: list[int]
+    partial: bool = False   # a pre-copy chunk: the group stays at src for now (migration.py)
 
 
 @dataclass

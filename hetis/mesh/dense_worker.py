@@ -302,7 +302,7 @@ class DenseWorker:
                 raise StepAbandoned("its caller gave up waiting; not run")
             self.residency.update(step.work[0], step.freed)
             for m in step.moves:  # head groups leaving or joining this worker's own device
-                if m.src == 0:
+                if m.src == 0 and not m.partial:
                     self.residency.drop_group(m.seq_id, m.group)
                 elif m.dst == 0:
                     self.residency.update([AttnItem(m.seq_id, m.group, 0, m.num_tokens, m.dst_blocks)])

@@ -15,7 +15,7 @@ worker with no items this step gets the layout and nothing per layer.
 
 Live migration of a head group (hetis/engine/migration.py) uses two more
 commands, sent before the step's header: ``EXPORT`` (layout ``[seq, group,
-tokens, blocks...]``; the worker answers the shape, then one ``[2, layers,
+tokens, partial, blocks...]``; the worker answers the shape, then one ``[2, layers,
 tokens, head_dim]`` tensor of K and V) and ``IMPORT`` (the same layout, then
 that tensor, written into the given blocks). A KV move between two attention
 workers passes through the dense worker: pulled from one channel, pushed
@@ -177,19 +177,20 @@ class RemoteAttention:
         self._works.clear()
         self._keep.clear()
 
-    def _move_header(self, cmd: int, seq_id: int, group: int, blocks: list[int], n: int) -> None:
-        layout = torch.tensor([seq_id, group, n, len(blocks), *blocks], dtype=torch.int64,
-                              device=self.comm_device)
+    def _move_header(self, cmd: int, seq_id: int, group: int, blocks: list[int], n: int,
+                     partial: bool = False) -> None:
+        layout = torch.tensor([seq_id, group, n, int(partial), len(blocks), *blocks],
+                              dtype=torch.int64, device=self.comm_device)
         self.channel.send([torch.tensor([cmd, layout.numel()], dtype=torch.int64,
                                         device=self.comm_device)], ATTN, 0).wait()
         self.channel.send([layout], ATTN, 0).wait()
 
     @_guarded
-    def export_kv(self, seq_id: int, group: int, blocks: list[int],
-                  num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def export_kv(self, seq_id: int, group: int, blocks: list[int], num_tokens: int,
+                  partial: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """A (sequence, group)'s cached K and V from this worker ([layers, tokens, D] each);
-        the worker no longer counts it as resident."""
-        self._move_header(CMD_EXPORT, seq_id, group, blocks, num_tokens)
+        the worker no longer counts it as resident (unless ``partial``: a pre-copy chunk)."""
+        self._move_header(CMD_EXPORT, seq_id, group, blocks, num_tokens, partial)
         shape = torch.empty(4, dtype=torch.int64, device=self.comm_device)
         self.channel.recv([shape], ATTN, 0).wait()
         kv = torch.empty(shape.tolist(), dtype=self.dtype, device=self.comm_device)
@@ -303,15 +304,16 @@ class AttentionLoop:
 
     def _move(self, cmd: int, layout: list[int], dtype: torch.dtype) -> None:
         """One head group's KV leaves (EXPORT) or arrives (IMPORT); module doc."""
-        seq_id, group, n, nb = layout[:4]
-        blocks = layout[4:4 + nb]
+        seq_id, group, n, partial, nb = layout[:5]
+        blocks = layout[5:5 + nb]
         store = self.backend.store
         if cmd == CMD_EXPORT:
             k, v = store.export(blocks, n)
             kv = torch.stack([k, v]).to(self.comm_device).contiguous()
             self._send(torch.tensor(list(kv.shape), dtype=torch.int64, device=self.comm_device))
             self._send(kv)
-            self.residency.drop_group(seq_id, group)
+            if not partial:
+                self.residency.drop_group(seq_id, group)
             return
         kv = self._recv((2, self.L, n, self.backend.head_dim), dtype).to(self.backend.device)
         store.import_(blocks, kv[0], kv[1])

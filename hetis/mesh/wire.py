@@ -252,7 +252,7 @@ def step_to_proto(step: Step, step_id: int) -> wpb.StepRequest:
                             blocks=it.blocks)
     for m in step.moves:
         req.moves.add(seq_id=m.seq_id, group=m.group, src=m.src, dst=m.dst, num_tokens=m.num_tokens,
-                      src_blocks=m.src_blocks, dst_blocks=m.dst_blocks)
+                      src_blocks=m.src_blocks, dst_blocks=m.dst_blocks, partial=m.partial)
     return req
 
 
@@ -288,7 +288,7 @@ def step_from_proto(req: wpb.StepRequest, num_backends: int) -> Step:
         if m.src == m.dst or not m.num_tokens:
             raise ParamError(f"moves[{i}]", "a move needs two different backends and tokens")
         moves.append(KVMove(m.seq_id, m.group, m.src, m.dst, m.num_tokens, list(m.src_blocks),
-                            list(m.dst_blocks)))
+                            list(m.dst_blocks), m.partial))
     return Step(chunks, work, list(req.freed_seq_ids), moves)
 
 

@@ -88,7 +88,8 @@ class Executor:
                 continue  # another tensor-parallel rank's group
             src, dst = self.backends[m.src], self.backends[m.dst]
             if getattr(src, "remote", False):
-                kv = remote(m.src, src.export_kv, m.seq_id, m.group, m.src_blocks, m.num_tokens)
+                kv = remote(m.src, src.export_kv, m.seq_id, m.group, m.src_blocks, m.num_tokens,
+                            m.partial)
             else:
                 kv = src.store.export(m.src_blocks, m.num_tokens)
             if kv is None:

@@ -49,7 +49,7 @@ class BackendWork(_message.Message):
     def __init__(self, backend: _Optional[int] = ..., items: _Optional[_Iterable[_Union[AttnItemSpec, _Mapping]]] = ...) -> None: ...
 
 class KVMoveSpec(_message.Message):
-    __slots__ = ("seq_id", "group", "src", "dst", "num_tokens", "src_blocks", "dst_blocks")
+    __slots__ = ("seq_id", "group", "src", "dst", "num_tokens", "src_blocks", "dst_blocks", "partial")
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
     GROUP_FIELD_NUMBER: _ClassVar[int]
     SRC_FIELD_NUMBER: _ClassVar[int]
@@ -57,6 +57,7 @@ class KVMoveSpec(_message.Message):
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SRC_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     DST_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    PARTIAL_FIELD_NUMBER: _ClassVar[int]
     seq_id: int
     group: int
     src: int
@@ -64,7 +65,8 @@ class KVMoveSpec(_message.Message):
     num_tokens: int
     src_blocks: _containers.RepeatedScalarFieldContainer[int]
     dst_blocks: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, seq_id: _Optional[int] = ..., group: _Optional[int] = ..., src: _Optional[int] = ..., dst: _Optional[int] = ..., num_tokens: _Optional[int] = ..., src_blocks: _Optional[_Iterable[int]] = ..., dst_blocks: _Optional[_Iterable[int]] = ...) -> None: ...
+    partial: bool
+    def __init__(self, seq_id: _Optional[int] = ..., group: _Optional[int] = ..., src: _Optional[int] = ..., dst: _Optional[int] = ..., num_tokens: _Optional[int] = ..., src_blocks: _Optional[_Iterable[int]] = ..., dst_blocks: _Optional[_Iterable[int]] = ..., partial: _Optional[bool] = ...) -> None: ...
 
 class StepRequest(_message.Message):
     __slots__ = ("step_id", "chunks", "work", "freed_seq_ids", "moves")

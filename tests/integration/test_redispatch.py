@@ -58,8 +58,9 @@ def test_a_memory_poor_dense_worker_moves_head_groups_instead_of_preempting(llm,
 def test_forced_moves_between_every_pair_of_devices_keep_tokens_exact(llm):
     # round-robin puts groups on all three devices; a move every other step cycles each
     # group on to the next device: dense -> attn-0 -> attn-1 -> dense (attention worker to
-    # attention worker through the dense worker)
-    c = Cluster(attn_workers=2, policy="round-robin", router_args=("--migrate-every", "2"))
+    # attention worker through the dense worker); groups over 16 tokens are pre-copied
+    c = Cluster(attn_workers=2, policy="round-robin",
+                router_args=("--migrate-every", "2", "--max-move-tokens", "16"))  # + pre-copies
     try:
         got, want, st = streams(llm, c.target, 6, 16)
         assert got == want

@@ -11,6 +11,7 @@ PARAMS = [SamplingParams(temperature=0, max_tokens=16, ignore_eos=True),
 def test_tokens_identical_with_a_move_every_other_step(llm, prompts):
     moving = LLM(num_backends=3, policy="round-robin")
     moving.engine.cfg.migrate_every = 2
+    moving.engine.cfg.max_move_tokens = 48  # the long prompt's groups are pre-copied in chunks
     reqs = [{"prompt_token_ids": p} for p in prompts[:3]]
     for sp in PARAMS:
         want = [o.token_ids for o in llm.generate(reqs, sp)]

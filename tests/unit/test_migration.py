@@ -61,3 +61,41 @@ def test_a_sequence_preempted_before_its_move_drops_it_and_a_failed_step_recompu
     eng2.end_step(planned, None)
     assert seq2.num_preemptions == 1 and seq2.num_computed == 0 and seq2.placement is None
     assert eng2.migrations == 0
+
+
+def test_a_large_move_is_pre_copied_within_the_step_budget_then_switched():
+    ex = FakeExecutor()
+    eng = fake_engine(devices=3, executor=ex, pinned=[0, 0, 1], max_move_tokens=8)  # 2 blocks
+    seq = eng.add_request("a", list(range(1, 31)), LONG)  # 30 tokens: 8 blocks of 4
+    eng.step()
+    assert migration.plan(eng, 0, seq, 1, 2, urgent=False)
+    assert seq.placement == [0, 0, 1]  # still attending at the source
+    chunks = []
+    while seq.placement[1] != 2:
+        src_table = list(eng.managers[0].table(seq.seq_id, 1))
+        eng.step()  # plans, carries and settles this step's chunk (or the switch)
+        moves = ex.steps[-1].moves
+        assert sum(m.num_tokens for m in moves) <= 8  # never more than the budget
+        assert all(it.group != 1 for it in ex.steps[-1].work[2]) or not moves[-1].partial
+        chunks += moves
+    *pre, last = chunks
+    assert len(pre) >= 3 and all(m.partial for m in pre) and not last.partial
+    # every source block copied once, in order: full blocks ahead, the rest with the switch
+    assert [b for m in chunks for b in m.src_blocks] == src_table
+    assert all(m.num_tokens == 4 * len(m.src_blocks) for m in pre)
+    assert eng.migrations == 1 and (seq.seq_id, 1) not in eng.managers[0].tables
+    assert eng.migrated_bytes == sum(m.num_tokens for m in chunks) * eng.kv_token_bytes
+
+
+def test_an_urgent_move_of_a_group_being_pre_copied_goes_at_once():
+    ex = FakeExecutor()
+    eng = fake_engine(devices=3, executor=ex, pinned=[0, 0, 1], max_move_tokens=8)
+    seq = eng.add_request("a", list(range(1, 31)), LONG)
+    eng.step()
+    assert migration.plan(eng, 0, seq, 1, 2, urgent=False)
+    eng.step()  # one chunk went
+    assert ex.steps[-1].moves[0].partial and eng.migrations == 0
+    assert migration.hurry(eng, eng.instances[0], seq, 1) and seq.placement[1] == 2
+    eng.step()  # the whole rest, over the budget: it is urgent
+    last = ex.steps[-1].moves[-1]
+    assert not last.partial and last.num_tokens > 8 and eng.migrations == 1
