@@ -27,7 +27,8 @@ each step copies the next full blocks (full blocks never change again) while
 the sequence keeps attending at the source; when what is left fits the step's
 budget, the last chunk goes with the switch of owner as above. An urgent move
 (a device out of KV: re-dispatch's KV balance) goes whole with the next step,
-the one case where a step may carry more than the budget (one group). The executor in
+with a budget of its own: a step carries at most twice the budget, or one
+urgent group larger than that. The executor in
 ``hetis.LLM`` copies between its in-process backends; over the mesh the dense
 worker pulls the KV from the source's tensor channel and pushes it down the
 destination's (hetis/mesh/tensor_path.py) before the step's layouts go out.
@@ -57,9 +58,12 @@ def can_move(inst) -> bool:
     return bool(getattr(inst.executor, "supports_moves", False))
 
 
-def budget_left(engine, inst) -> int:
-    """KV tokens (x groups) the instance's next step may still carry (module doc)."""
-    return engine.cfg.max_move_tokens - sum(c[2].num_tokens for c in inst.moves)
+def budget_left(engine, inst, urgent: bool = False) -> int:
+    """KV tokens (x groups) the instance's next step may still carry (module doc). Urgent
+    moves have a budget of their own (pre-copy chunks do not count against it), so a step
+    carries at most twice the budget, or one urgent group larger than that."""
+    return engine.cfg.max_move_tokens - sum(c[2].num_tokens for c in inst.moves
+                                            if not (urgent and c[2].partial))
 
 
 def moving(inst, seq: Sequence, group: int) -> bool:
@@ -76,11 +80,12 @@ def plan(engine, index: int, seq: Sequence, group: int, dst: int, urgent: bool =
     src = seq.placement[group] if seq.placement else None
     dev = engine.dispatcher.devices[dst] if 0 <= dst < len(engine.managers) else None
     n = seq.num_computed
-    left = budget_left(engine, inst)
+    left = budget_left(engine, inst, urgent)
     whole = urgent or n <= left
+    first = not any(not c[2].partial for c in inst.moves)  # one whole move always goes
     if (seq.status is not Status.RUNNING or not n or src is None or src == dst
             or dev is None or not dev.usable or (inst.reach is not None and dst not in inst.reach)
-            or not can_move(inst) or (whole and inst.moves and left < n)
+            or not can_move(inst) or (whole and not first and left < n)
             or moving(inst, seq, group)):
         return False
     dm = engine.managers[dst]

@@ -11,8 +11,9 @@ copy goes out first in the very next step.
   when a sequence cannot grow on a device): the victim is the latest-arrived
   request among those using that device (not yet scheduled in this step). If
   the cluster has room its groups there move to the devices that would finish
-  their attention soonest; only when none has room is the victim preempted
-  (recomputed). A sequence that gave up room for itself runs at once; one
+  their attention soonest (or, with this step's move budget spent, the
+  sequence waits a step for them); only when none has room is the victim
+  preempted (recomputed). A sequence that gave up room for itself runs at once; one
   that made another move waits one step, until the source blocks are free
   (they stay the victim's until its move has been carried).
 - **Compute balance** (:func:`rebalance`): the predicted attention makespan
@@ -102,10 +103,14 @@ def relieve(engine, index: int, seq: Sequence, num_tokens: int, queue: list[Sequ
                   if not m.can_allocate(seq.seq_id, gs, n)), None)
     users = [s for s in queue if short in (s.placement or ())]
     victim = max(users + [seq], key=lambda s: (s.arrival, s.seq_id))
-    if active(engine) and migration.can_move(inst) and _move_off(engine, index, victim, short):
-        if victim is seq:
-            return RETRY
-        return WAIT if not sched._can_alloc(seq, num_tokens) else RETRY
+    if active(engine) and migration.can_move(inst):
+        if _move_off(engine, index, victim, short):
+            if victim is seq:
+                return RETRY
+            return WAIT if not sched._can_alloc(seq, num_tokens) else RETRY
+        if migration.budget_left(engine, inst, urgent=True) < victim.num_computed and _dest(
+                engine, inst, victim, _on(victim, short)[0], short, *engine.dispatcher.state()) is not None:
+            return WAIT  # room elsewhere, but this step's moves are spent: next step
     return victim
 
 
