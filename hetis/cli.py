@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help=".gguf file or Hugging Face directory (default: SmolLM2-135M-Instruct)")
     up.add_argument("--policy", choices=defaults.POLICIES, default=defaults.DEFAULT_POLICY,
                     help="head dispatch policy (default %(default)s)")
+    up.add_argument("--weights", choices=("dense", "gguf"), default="dense",
+                    help="dense workers: 'gguf' keeps the GGUF's Q4 projections int4 (CPU; "
+                    "default %(default)s)")
     # one thread each by default: a local cluster shares this machine's cores among its workers
     up.add_argument("--threads", type=positive_int, default=defaults.default_threads(fallback=1),
                     metavar="T", help="torch threads per worker (default: $HETIS_THREADS, else 1)")

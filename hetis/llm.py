@@ -64,6 +64,10 @@ class LLM:
             current KV plus ``kv_headroom`` tokens at admission, relieve a full
             backend by moving head groups, rebalance above (1 + threshold) times
             the ideal attention time. Defaults: full reservation, 0.5.
+        weights: "dense" dequantises every weight to ``dtype``; "gguf" keeps a
+            GGUF's Q4_0/Q4_1 projections four-bit, multiplied by PyTorch's CPU
+            int4 weight-only kernel (3-4x fewer weight bytes per token; logits
+            within rounding of the dequantised weights: hetis/model/quant.py).
     """
 
     def __init__(self, model: str | None = None, dtype: str = "float32", placement=None,
@@ -71,7 +75,8 @@ class LLM:
                  max_model_len: int = 2048, block_size: int = 16,
                  kv_tokens: int | list[int] | None = None,
                  num_backends: int | None = None, policy: str | None = None,
-                 kv_headroom: int | None = None, rebalance_threshold: float = 0.5):
+                 kv_headroom: int | None = None, rebalance_threshold: float = 0.5,
+                 weights: str = "dense"):
         self.dtype = parse_dtype(dtype)
         if policy is not None and policy not in POLICIES:
             raise ValueError(f"policy: must be one of {POLICIES} (got {policy!r})")
@@ -79,7 +84,7 @@ class LLM:
             raise ValueError("placement: give a fixed placement or num_backends/policy, not both")
         if num_backends is not None and (not isinstance(num_backends, int) or num_backends < 1):
             raise ValueError(f"num_backends: must be an integer >= 1 (got {num_backends!r})")
-        cfg, sd, self.tokenizer = load(model, self.dtype)
+        cfg, sd, self.tokenizer = load(model, self.dtype, weights)
         self.model_config = cfg
         pinned = None if policy is not None or num_backends is not None \
             else check_placement(placement, cfg.num_groups)

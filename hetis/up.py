@@ -66,7 +66,9 @@ def service_commands(args, ports: dict[str, int] | None = None, host: str = LOCA
                             *redis_flag, "--worker-id", name, *model,
                             "--dtype", args.dtype, "--advertise-host", host,
                             "--threads", str(args.threads), "--metrics-port", "0", *internal,
-                            *kv("dense_kv_tokens"), *tp]))
+                            *kv("dense_kv_tokens"), *tp,
+                            *(["--weights", args.weights] if getattr(args, "weights", "dense") != "dense"
+                              else [])]))
     cmds.append(("router", [py, "-m", "services.router", "--port", str(args.port),
                             *redis_flag, *model,
                             "--dense-worker", ",".join(dense), "--dense-workers", str(len(dense)),

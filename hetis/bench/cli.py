@@ -52,6 +52,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    "server's")
     g.add_argument("--dtype", choices=DTYPE_NAMES, default=DEFAULT_DTYPE,
                    help="local engine's dtype (default %(default)s)")
+    g.add_argument("--weights", choices=("dense", "gguf"), default="dense",
+                   help="local engine: 'gguf' keeps the GGUF's Q4 projections int4 (default dense)")
     g.add_argument("--placement", type=_placement, default=None, metavar="B,B,..",
                    help="local engine: head group -> in-process backend, e.g. 0,1,2")
     g.add_argument("--threads", type=positive_int, default=None, metavar="T",
@@ -135,7 +137,8 @@ def cmd_bench(args) -> int:
     _check_target(args)
     if args.engine != "local":
         local_only = [f for f, v, d in [("--placement", args.placement, None),
-                                        ("--dtype", args.dtype, DEFAULT_DTYPE)] if v != d]
+                                        ("--dtype", args.dtype, DEFAULT_DTYPE),
+                                        ("--weights", args.weights, "dense")] if v != d]
         if local_only:
             raise UsageError(f"{', '.join(local_only)}: only with --engine local")
     if args.burstiness <= 0:

@@ -90,7 +90,7 @@ class DenseWorker:
         self.cfg = cfg
         self.rank = cfg.tp_rank
         self.dtype = parse_dtype(cfg.dtype)
-        mc, sd, _tok = load(cfg.model, self.dtype)
+        mc, sd, _tok = load(cfg.model, self.dtype, cfg.weights)
         self.model_cfg = mc
         if cfg.tp > 1:
             group_split(mc.num_groups, cfg.tp)  # ValueError naming --tp before anything starts

@@ -126,6 +126,7 @@ class WorkerConfig:
 class DenseWorkerConfig(WorkerConfig):
     model: str | None = None
     dtype: str = defaults.DEFAULT_DTYPE
+    weights: str = "dense"      # "gguf": the GGUF's Q4 projections stay int4 (hetis/model/quant.py)
     block_size: int = 16
     dist_port: int = 0
     peer_timeout: float = 10.0

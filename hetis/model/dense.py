@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from hetis.defaults import DTYPE_NAMES
 from hetis.model.config import ModelConfig
+from hetis.model.quant import Int4Weight, linear
 
 DTYPES = dict(zip(DTYPE_NAMES, (torch.float32, torch.bfloat16)))
 
@@ -90,8 +91,16 @@ class DenseModel:
         self.cfg, self.dtype, self.device = cfg, dtype, torch.device(device)
         self.compute_dtype = dtype if native_matmul(dtype, device) else torch.float32
         cd = self.compute_dtype
-        # round to the model's dtype first (bf16 numbers), then move and widen for the GEMMs
-        take = lambda k: sd.pop(k).to(dtype).to(device, cd).contiguous()  # noqa: E731
+
+        def take(k):  # round to the model's dtype first (bf16 numbers), then move and widen
+            w = sd.pop(k)
+            return w if isinstance(w, Int4Weight) else w.to(dtype).to(device, cd).contiguous()
+
+        def ready(w):  # an int4 weight (weights="gguf", hetis/model/quant.py), once whole
+            return w.prepare(device, dtype, cd) if isinstance(w, Int4Weight) else w
+
+        def cat(ws):  # the fused projections
+            return ready(Int4Weight.cat(ws)) if isinstance(ws[0], Int4Weight) else torch.cat(ws)
         self.embed = take("model.embed_tokens.weight")
         self.lm_head = self.embed if cfg.tie_word_embeddings or "lm_head.weight" not in sd \
             else take("lm_head.weight")
@@ -99,13 +108,13 @@ class DenseModel:
         self.layers = []
         for i in range(cfg.num_layers):
             p = f"model.layers.{i}."
-            qkv = torch.cat([take(p + "self_attn.q_proj.weight"), take(p + "self_attn.k_proj.weight"),
-                             take(p + "self_attn.v_proj.weight")])
-            gate_up = torch.cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")])
+            qkv = cat([take(p + "self_attn.q_proj.weight"), take(p + "self_attn.k_proj.weight"),
+                       take(p + "self_attn.v_proj.weight")])
+            gate_up = cat([take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")])
             self.layers.append(dict(
                 ln1=take(p + "input_layernorm.weight"), ln2=take(p + "post_attention_layernorm.weight"),
-                qkv=qkv, o=take(p + "self_attn.o_proj.weight"), gate_up=gate_up,
-                down=take(p + "mlp.down_proj.weight")))
+                qkv=qkv, o=ready(take(p + "self_attn.o_proj.weight")), gate_up=gate_up,
+                down=ready(take(p + "mlp.down_proj.weight"))))
         self.rope = Rope(cfg.head_dim, cfg.rope_theta, cfg.max_position, cd, device)
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
@@ -114,7 +123,7 @@ class DenseModel:
         """Pre-attention half of a layer: q [T, H, D], k and v [T, KV, D] (q, k rotated)."""
         c, L = self.cfg, self.layers[layer]
         x = rms_norm(h, L["ln1"], c.rms_norm_eps)
-        q, k, v = F.linear(x, L["qkv"]).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k, v = linear(x, L["qkv"]).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = Rope.apply(q.view(-1, c.num_heads, c.head_dim), cos, sin)
         k = Rope.apply(k.view(-1, c.num_kv_heads, c.head_dim), cos, sin)
         return q, k, v.view(-1, c.num_kv_heads, c.head_dim)
@@ -127,12 +136,12 @@ class DenseModel:
     # The two projections whose outputs tensor parallelism sums across ranks
     # (hetis/model/tp.py wraps them; the model does not know).
     def o_proj(self, layer: int, attn: torch.Tensor) -> torch.Tensor:
-        return F.linear(attn, self.layers[layer]["o"])
+        return linear(attn, self.layers[layer]["o"])
 
     def mlp(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         L = self.layers[layer]
-        gate, up = F.linear(x, L["gate_up"]).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, L["down"])
+        gate, up = linear(x, L["gate_up"]).chunk(2, dim=-1)
+        return linear(F.silu(gate) * up, L["down"])
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return F.linear(rms_norm(h, self.norm, self.cfg.rms_norm_eps), self.lm_head).float()

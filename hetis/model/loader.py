@@ -63,13 +63,24 @@ def load_meta(model: str | None):
     return _gguf_config(r), Tokenizer.from_gguf_reader(r)
 
 
-def load(model: str | None, dtype: torch.dtype = torch.float32):
-    """Return (config, state_dict, tokenizer) for a GGUF file or HF directory."""
+WEIGHTS = ("dense", "gguf")
+
+
+def load(model: str | None, dtype: torch.dtype = torch.float32, weights: str = "dense"):
+    """Return (config, state_dict, tokenizer) for a GGUF file or HF directory.
+
+    ``weights="gguf"`` keeps a GGUF's Q4_0/Q4_1 projections four-bit
+    (:class:`hetis.model.quant.Int4Weight` values in the state dict; the rest is
+    dequantised as usual); ``"dense"`` dequantises everything to ``dtype``."""
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights: must be one of {WEIGHTS} (got {weights!r})")
     path = resolve_model(model)
     if os.path.isdir(path):
+        if weights != "dense":
+            raise ValueError("weights: 'gguf' needs a .gguf model (a directory holds no GGUF blocks)")
         return _load_hf_dir(path, dtype)
     if path.endswith(".gguf"):
-        return _load_gguf(path, dtype)
+        return _load_gguf(path, dtype) if weights == "dense" else _load_gguf_int4(path, dtype)
     raise ValueError(f"model: {path!r} is neither a .gguf file nor a directory")
 
 
@@ -109,6 +120,32 @@ def _load_gguf(path: str, dtype: torch.dtype):
     if cached is not None:
         _write_cache(cached, sd, {"config": dataclasses.asdict(cfg), "tokenizer": tok.to_dict()})
     return cfg, {k: v.to(dtype) for k, v in sd.items()}, tok
+
+
+def _load_gguf_int4(path: str, dtype: torch.dtype):
+    """Q4_0/Q4_1 projections as Int4Weight (q/k rows un-permuted like the dense path's),
+    everything else dequantised (hetis/model/quant.py)."""
+    import gguf
+
+    from hetis.model.quant import Q4_TYPES, from_gguf
+    r = gguf.GGUFReader(path)
+    cfg = _gguf_config(r)
+    tok = Tokenizer.from_gguf_reader(r)
+    quant, rest = {}, {}
+    for t in r.tensors:
+        parts = t.name.split(".")
+        kind = parts[2] if parts[0] == "blk" else None
+        if kind in _GGUF_NAMES and t.tensor_type.name in Q4_TYPES and len(t.shape) == 2:
+            shape = (int(t.shape[1]), int(t.shape[0]))
+            w = from_gguf(t.data, t.tensor_type.name, shape)
+            heads = {"attn_q": cfg.num_heads, "attn_k": cfg.num_kv_heads}.get(kind)
+            if heads:
+                w = w.rows(_unpermute(np.arange(shape[0])[:, None], heads)[:, 0])
+            quant[f"model.layers.{parts[1]}.{_GGUF_NAMES[kind]}.weight"] = w
+        else:
+            rest[t.name] = t
+    sd = {k: v.to(dtype) for k, v in _dequantize_gguf(r, rest, cfg.num_heads, cfg.num_kv_heads).items()}
+    return cfg, {**sd, **quant}, tok
 
 
 def _read_cache_meta(cached: str):

@@ -52,6 +52,9 @@ def shard(model: DenseModel, rank: int, world: int,
     """Shard ``model`` in place for ``rank`` of ``world``; returns the head groups it keeps.
     ``all_reduce(t)`` sums ``t`` over the ranks (in place) and returns it."""
     c = model.cfg
+    if not isinstance(model.layers[0]["qkv"], torch.Tensor):
+        raise ValueError("weights: 'gguf' (int4) weights are not sharded for tensor parallelism; "
+                         "use --weights dense with --tp")
     groups = group_split(c.num_groups, world)[rank]
     qpg, D = c.q_per_group, c.head_dim
     q_rows = slice(groups.start * qpg * D, groups.stop * qpg * D)

@@ -23,6 +23,9 @@ def parse(argv=None) -> DenseWorkerConfig:
     add_worker_flags(ap, default_port=defaults.DENSE_WORKER_PORT)
     ap.add_argument("--model", default=None, help="GGUF file or HF directory (default: SmolLM2-135M)")
     ap.add_argument("--dtype", default=defaults.DEFAULT_DTYPE, choices=defaults.DTYPE_NAMES)
+    ap.add_argument("--weights", default="dense", choices=("dense", "gguf"),
+                    help="dense: dequantise every weight to --dtype; gguf: keep the GGUF's Q4_0/Q4_1 "
+                    "projections four-bit (int4 weight-only matmul, CPU; not with --tp)")
     ap.add_argument("--block-size", type=positive_int, default=16, help="KV block size in tokens")
     ap.add_argument("--dist-port", type=int, default=0,
                     help="rendezvous port of the tensor channels (a TCPStore; 0: a free one)")

@@ -1,0 +1,67 @@
+"""weights="gguf": the real model's Q4_1 projections served by the int4 kernel for small bf16
+matmuls (hetis/model/quant.py), against the same weights dequantised."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hetis import LLM, SamplingParams
+from hetis.model.loader import load
+
+
+@pytest.fixture(scope="module")
+def bf16():
+    return LLM(dtype="bfloat16"), LLM(dtype="bfloat16", weights="gguf")
+
+
+def _attend(i, q, k, v):
+    T, H, D = q.shape
+    rep = H // k.shape[1]
+    o = F.scaled_dot_product_attention(q.transpose(0, 1), k.repeat_interleave(rep, 1).transpose(0, 1),
+                                       v.repeat_interleave(rep, 1).transpose(0, 1), is_causal=True)
+    return o.transpose(0, 1).reshape(T, H * D)
+
+
+def test_one_row_logits_within_bf16_rounding_of_the_dequantised_weights(bf16, prompts):
+    """A one-token step goes through the int4 kernel in every projection."""
+    dense, int4 = (m.engine.executor.model for m in bf16)
+    worst = 0.0
+    for p in prompts:
+        args = (torch.tensor(p[:1]), torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long), _attend)
+        a, b = int4.forward(*args), dense.forward(*args)
+        worst = max(worst, float((a - b).abs().max() / b.abs().max()))
+        assert a.argmax() == b.argmax()
+    assert worst < 0.05, worst
+
+
+def test_one_stream_greedy_tokens_mostly_agree_with_the_dequantised_model(bf16, prompts):
+    """Decode of one stream runs on the int4 kernel; bf16 rounding differs from the dense
+    GEMM's, so a near tie may flip a token: most must agree, and the first ones all."""
+    dense, int4 = bf16
+    sp = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    same = total = 0
+    for p in prompts:
+        a = int4.generate({"prompt_token_ids": p}, sp)[0].token_ids
+        b = dense.generate({"prompt_token_ids": p}, sp)[0].token_ids
+        assert a[:4] == b[:4]
+        n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(b))
+        same, total = same + n, total + len(b)
+    assert same / total >= 0.75, (same, total)
+
+
+def test_in_float32_gguf_weights_compute_what_dense_ones_do(llm, prompts):
+    f32 = LLM(weights="gguf", max_num_seqs=8)
+    sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    reqs = [{"prompt_token_ids": p} for p in prompts[:2]]
+    assert [o.token_ids for o in f32.generate(reqs, sp)] == [o.token_ids for o in llm.generate(reqs, sp)]
+
+
+def test_gguf_weights_need_a_gguf_file_and_no_tensor_parallelism(bf16, tmp_path):
+    with pytest.raises(ValueError, match="weights: must be one of"):
+        load(None, torch.float32, weights="int3")
+    with pytest.raises(ValueError, match="needs a .gguf model"):
+        load(str(tmp_path), torch.float32, weights="gguf")
+    from hetis.model.tp import shard
+    with pytest.raises(ValueError, match="not sharded for tensor parallelism"):
+        shard(bf16[1].engine.executor.model, 0, 2, lambda t: t)
