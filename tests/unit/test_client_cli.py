@@ -365,3 +365,23 @@ def test_service_commands():
     args.model = "/m.gguf"
     dense = service_commands(args)[3][1]
     assert dense[dense.index("--model") + 1] == "/m.gguf" and "--dtype" in dense
+
+
+def test_hetis_up_passes_re_dispatch_and_weights_flags_to_the_services():
+    """What `hetis up` puts on the router's and dense worker's command lines parses back, in
+    their own parsers, to the values asked for; defaults stay off the command line."""
+    from hetis.cli import build_parser
+    from hetis.up import service_commands
+    from services.dense_worker.__main__ import parse as parse_dense
+    from services.router.__main__ import parse as parse_router
+    base = ["up", "--redis-url", "redis://r:1/0"]
+    cmds = dict(service_commands(build_parser().parse_args(base)))
+    assert not {"--kv-headroom", "--rebalance-threshold", "--no-kv-balance", "--weights"} & set(
+        cmds["router"] + cmds["dense-0"])
+    args = build_parser().parse_args(base + ["--kv-headroom", "0", "--rebalance-threshold", "0.25",
+                                             "--no-kv-balance", "--max-move-tokens", "512",
+                                             "--weights", "gguf"])
+    cmds = dict(service_commands(args))
+    r = parse_router(cmds["router"][3:])
+    assert (r.kv_headroom, r.rebalance_threshold, r.kv_balance, r.max_move_tokens) == (0, 0.25, False, 512)
+    assert parse_dense(cmds["dense-0"][3:]).weights == "gguf"
