@@ -64,6 +64,8 @@ class LLM:
             current KV plus ``kv_headroom`` tokens at admission, relieve a full
             backend by moving head groups, rebalance above (1 + threshold) times
             the ideal attention time. Defaults: full reservation, 0.5.
+        device: where the weights, the KV cache and every step's tensors live
+            ("cpu", "cuda", "cuda:N").
         weights: "dense" dequantises every weight to ``dtype``; "gguf" keeps a
             GGUF's Q4_0/Q4_1 projections four-bit, multiplied by PyTorch's CPU
             int4 weight-only kernel (3-4x fewer weight bytes per token; logits
@@ -76,7 +78,7 @@ class LLM:
                  kv_tokens: int | list[int] | None = None,
                  num_backends: int | None = None, policy: str | None = None,
                  kv_headroom: int | None = None, rebalance_threshold: float = 0.5,
-                 weights: str = "dense"):
+                 weights: str = "dense", device: str = "cpu"):
         self.dtype = parse_dtype(dtype)
         if policy is not None and policy not in POLICIES:
             raise ValueError(f"policy: must be one of {POLICIES} (got {policy!r})")
@@ -111,11 +113,11 @@ class LLM:
                                           rebalance_threshold=rebalance_threshold)
         blocks = [max(1, n // block_size) for n in sizes]
         backends = [AttentionBackend(cfg.num_layers, nb, block_size, cfg.head_dim,
-                                     cfg.q_per_group, self.dtype) for nb in blocks]
+                                     cfg.q_per_group, self.dtype, device) for nb in blocks]
         # one process, one CPU: every backend has the same measured cost
         cost = profile_attention(backends[0]) if pinned is None and n_backends > 1 else (1e-8, 1e-6)
         devices = [Device(f"backend-{b}", nb, *cost) for b, nb in enumerate(blocks)]
-        self.engine = build_engine(Executor(DenseModel(cfg, sd, self.dtype), backends),
+        self.engine = build_engine(Executor(DenseModel(cfg, sd, self.dtype, device), backends),
                                    self.tokenizer, cfg, self.engine_config, devices,
                                    policy=policy or "local-only", pinned=pinned,
                                    kv_bytes=2 if self.dtype == torch.bfloat16 else 4)

@@ -32,9 +32,10 @@ def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
 _MIX = 0x9E3779B97F4A7C15  # golden-ratio increment: spreads consecutive positions apart
 
 
-def position_generator(seed: int, position: int, device: torch.device | str = "cpu") -> torch.Generator:
-    """The generator of the draw for the token at ``position`` of a request seeded ``seed``."""
-    return torch.Generator(device=device).manual_seed((seed ^ (position * _MIX)) % (1 << 63))
+def position_generator(seed: int, position: int) -> torch.Generator:
+    """The (CPU) generator of the draw for the token at ``position`` of a request seeded
+    ``seed``: CUDA generators give other streams, so seeded draws always happen on the CPU."""
+    return torch.Generator().manual_seed((seed ^ (position * _MIX)) % (1 << 63))
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams],
@@ -53,6 +54,9 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
         probs = _filter(logits[i] / p.temperature, p.top_k, p.top_p).softmax(-1)
         if not bool(torch.isfinite(probs).all()) or not float(probs.sum()) > 0:
             continue
-        gen = None if p.seed is None else position_generator(p.seed, positions[i], logits.device)
-        out[i] = int(torch.multinomial(probs, 1, generator=gen))
+        if p.seed is None:
+            out[i] = int(torch.multinomial(probs, 1))
+        else:  # drawn on the CPU whatever the device: the same seed gives the same token on a GPU
+            gen = position_generator(p.seed, positions[i])
+            out[i] = int(torch.multinomial(probs.cpu(), 1, generator=gen))
     return out
