@@ -50,13 +50,6 @@ def test_one_stream_greedy_tokens_mostly_agree_with_the_dequantised_model(bf16, 
     assert same / total >= 0.75, (same, total)
 
 
-def test_in_float32_gguf_weights_compute_what_dense_ones_do(llm, prompts):
-    f32 = LLM(weights="gguf", max_num_seqs=8)
-    sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
-    reqs = [{"prompt_token_ids": p} for p in prompts[:2]]
-    assert [o.token_ids for o in f32.generate(reqs, sp)] == [o.token_ids for o in llm.generate(reqs, sp)]
-
-
 def test_gguf_weights_need_a_gguf_file_and_no_tensor_parallelism(bf16, tmp_path):
     with pytest.raises(ValueError, match="weights: must be one of"):
         load(None, torch.float32, weights="int3")
