@@ -46,7 +46,7 @@ def test_a_memory_poor_dense_worker_moves_head_groups_instead_of_preempting(llm,
                               "--dtype", "float32", "--port", str(port), "--log-dir", str(tmp_path)],
                              until="Hetis is up")
     try:
-        got, want, st = streams(llm, f"127.0.0.1:{port}", 16, 24)
+        got, want, st = streams(llm, f"127.0.0.1:{port}", 16, 16)
         assert got == want
         assert st.migrations > 0 and st.migrated_bytes > 0 and st.preemptions == 0, st
         assert st.steps.move_s > 0
@@ -62,9 +62,9 @@ def test_forced_moves_between_every_pair_of_devices_keep_tokens_exact(llm):
     c = Cluster(attn_workers=2, policy="round-robin",
                 router_args=("--migrate-every", "2", "--max-move-tokens", "16"))  # + pre-copies
     try:
-        got, want, st = streams(llm, c.target, 6, 16)
+        got, want, st = streams(llm, c.target, 4, 16)
         assert got == want
-        assert st.migrations >= 6 and st.preemptions == 0, st
+        assert st.migrations >= 4 and st.preemptions == 0, st
         assert all(w.kv_used_tokens == 0 and not w.resident for w in st.workers)
     finally:
         c.stop()

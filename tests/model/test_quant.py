@@ -41,7 +41,7 @@ def test_one_stream_greedy_tokens_mostly_agree_with_the_dequantised_model(bf16, 
     dense, int4 = bf16
     sp = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     same = total = 0
-    for p in prompts:
+    for p in prompts[:4]:
         a = int4.generate({"prompt_token_ids": p}, sp)[0].token_ids
         b = dense.generate({"prompt_token_ids": p}, sp)[0].token_ids
         assert a[:4] == b[:4]
