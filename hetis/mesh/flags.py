@@ -244,8 +244,8 @@ def add_redispatch_flags(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--no-kv-balance", dest="kv_balance", action="store_false",
                     help="relieve a full device by preemption (recompute) only, never by moves")
     ap.add_argument("--max-move-tokens", type=positive_int, default=4096, metavar="N",
-                    help="KV one step may migrate, tokens x head groups; one group always goes "
-                    "(default %(default)s)")
+                    help="KV one step may migrate, tokens x head groups: larger balance and drain "
+                    "moves are pre-copied over several steps (default %(default)s)")
     # test-only: every N steps move one head group (live migration without a reason)
     ap.add_argument("--migrate-every", type=nonneg_int, default=0, help=argparse.SUPPRESS)
 
