@@ -32,7 +32,6 @@ import os
 import platform
 import tempfile
 import time
-from types import SimpleNamespace
 
 import torch
 
@@ -121,26 +120,9 @@ def summary(r: dict) -> dict:
 
 def mesh(device: str, attn_workers: int, dtype: str, log_dir: str, threads: int,
          dense_kv: int | None = None):
-    from hetis.mesh.redisproc import RedisProcess, free_port
-    from hetis.up import LOCAL_HOST, LocalCluster, service_commands
-    redis = RedisProcess()
-    ns = SimpleNamespace(attn_workers=attn_workers, port=free_port(), redis_url=redis.url, model=None,
-                         dtype=dtype, policy="hetis", threads=threads, dense_workers=1, tp=1,
-                         dense_kv_tokens=dense_kv)
-    cmds = service_commands(ns)
-    for name, argv in cmds:
-        if name.startswith("dense"):
-            argv += ["--device", device]
-    cluster = LocalCluster(cmds, log_dir)
-    try:
-        cluster.start()
-        router = f"{LOCAL_HOST}:{ns.port}"
-        cluster.wait_ready(router, attn_workers, timeout=300, progress=print)
-    except BaseException:
-        cluster.stop()
-        redis.stop()
-        raise
-    return redis, cluster, router
+    from bench.run_all import start_mesh
+    return start_mesh(threads, log_dir, dtype, attn_workers, dense_kv_tokens=dense_kv,
+                      dense_args=("--device", device))
 
 
 def mesh_tokens(router: str, prompts, sampling: list[dict]) -> list[list[int]]:

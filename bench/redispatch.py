@@ -33,7 +33,7 @@ import tempfile
 import threading
 import time
 
-from bench.run_all import OUT
+from bench.run_all import OUT, start_mesh
 
 CONFIGS = {
     "full": ["--rebalance-threshold", "0"],
@@ -51,29 +51,6 @@ ASKS = ["Explain {} to a child.", "Write a short paragraph about {}.",
 def messages(n: int) -> list[list[dict]]:
     return [[{"role": "user", "content": ASKS[i % len(ASKS)].format(TOPICS[i % len(TOPICS)])}]
             for i in range(n)]
-
-
-def start(extra: list[str], dense_kv: int, dtype: str, log_dir: str):
-    from types import SimpleNamespace
-
-    from hetis.mesh.redisproc import RedisProcess, free_port
-    from hetis.up import LOCAL_HOST, LocalCluster, service_commands
-    redis = RedisProcess()
-    ns = SimpleNamespace(attn_workers=2, port=free_port(), redis_url=redis.url, model=None,
-                         dtype=dtype, policy="hetis", threads=1, dense_workers=1, tp=1,
-                         dense_kv_tokens=dense_kv)
-    cmds = service_commands(ns)
-    cmds[-1][1].extend(extra)
-    cluster = LocalCluster(cmds, log_dir)
-    try:
-        cluster.start()
-        router = f"{LOCAL_HOST}:{ns.port}"
-        cluster.wait_ready(router, 2, timeout=300, progress=print)
-    except BaseException:
-        cluster.stop()
-        redis.stop()
-        raise
-    return redis, cluster, router
 
 
 def pct(xs: list[float], p: float) -> float:
@@ -167,7 +144,8 @@ def main(argv=None) -> int:
     for name, extra in CONFIGS.items():
         log_dir = tempfile.mkdtemp(prefix=f"hetis-bench-redispatch-{name}-")
         print(f"\n== {name}: router {' '.join(extra) or '(defaults)'}; logs in {log_dir}", flush=True)
-        redis, cluster, router = start(extra, dense_kv, args.dtype, log_dir)
+        redis, cluster, router = start_mesh(1, log_dir, args.dtype, 2, dense_kv_tokens=dense_kv,
+                                            router_args=tuple(extra))
         try:
             res[name] = run_one(router, convs, args.max_tokens)
         finally:

@@ -56,15 +56,20 @@ def bench(argv: list[str]) -> dict:
 
 
 def start_mesh(threads: int, log_dir: str, dtype: str = "bfloat16", attn_workers: int = 2,
-               dense_workers: int = 1, tp: int = 1):
-    """(redis, cluster, router address): ``hetis up``'s machinery, policy hetis."""
+               dense_workers: int = 1, tp: int = 1, dense_kv_tokens: int | None = None,
+               router_args: tuple[str, ...] = (), dense_args: tuple[str, ...] = ()):
+    """(redis, cluster, router address): ``hetis up``'s machinery, policy hetis; extra
+    flags for the router and the dense workers (e.g. ``--device cuda``)."""
     from hetis.mesh.redisproc import RedisProcess, free_port
     from hetis.up import LOCAL_HOST, LocalCluster, service_commands
     redis = RedisProcess()
     ns = SimpleNamespace(attn_workers=attn_workers, port=free_port(), redis_url=redis.url,
                          model=None, dtype=dtype, policy="hetis", threads=threads,
-                         dense_workers=dense_workers, tp=tp)
-    cluster = LocalCluster(service_commands(ns), log_dir)
+                         dense_workers=dense_workers, tp=tp, dense_kv_tokens=dense_kv_tokens)
+    cmds = service_commands(ns)
+    for name, argv in cmds:
+        argv += router_args if name == "router" else dense_args if name.startswith("dense") else ()
+    cluster = LocalCluster(cmds, log_dir)
     try:
         cluster.start()
         router = f"{LOCAL_HOST}:{ns.port}"
