@@ -41,6 +41,18 @@ def add_plan_parser(sub) -> argparse.ArgumentParser:
                    help="sharegpt, humaneval, longbench (default %(default)s)")
     p.add_argument("--requests", type=positive_int, default=None, metavar="N",
                    help="expected concurrent requests (default: the planner's, 32)")
+    p.add_argument("--slo-ttft", type=float, default=None, metavar="S",
+                   help="P95 TTFT SLO in seconds for the comparison (default per workload: "
+                   "sharegpt 2.5, humaneval 1.5, longbench 15)")
+    p.add_argument("--slo-tpot", type=float, default=None, metavar="S",
+                   help="P95 TPOT SLO in seconds (default 0.15)")
+    p.add_argument("--num-requests", type=positive_int, default=200, metavar="N",
+                   help="simulated requests per rate in the comparison (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="workload and arrivals (default 0)")
+    p.add_argument("--plot", metavar="FILE", default=None,
+                   help="draw request rate vs P95 TTFT and TPOT per system to FILE (PNG)")
+    p.add_argument("--search-only", action="store_true",
+                   help="only the search: no simulation of the systems side by side")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=cmd_plan)
     return p
@@ -56,6 +68,13 @@ def cmd_plan(args) -> int:
         shape = model_shape(args.model)
     except (OSError, ValueError) as e:
         raise UsageError(str(e)) from None
+    from hetis.sim.compare import default_slos
+    ttft, tpot = default_slos(args.workload)
+    ttft = ttft if args.slo_ttft is None else args.slo_ttft
+    tpot = tpot if args.slo_tpot is None else args.slo_tpot
+    for flag, v in (("--slo-ttft", ttft), ("--slo-tpot", tpot)):
+        if not v > 0:
+            raise UsageError(f"{flag}: must be > 0 seconds (got {v})")
     try:
         p = plan(cluster, shape, args.workload, args.requests)
     except PlanError as e:
@@ -63,11 +82,16 @@ def cmd_plan(args) -> int:
         return 1
     except ValueError as e:  # an unknown workload
         raise UsageError(str(e)) from None
+    systems = None if args.search_only else _compare(args, cluster, shape, ttft, tpot)
     if args.json:  # issue 11's shape: the deployment under its own key
         flat = p.to_json()
         top = {k: flat.pop(k) for k in ("model", "workload", "expected_requests", "search_seconds")
                if k in flat}
-        print(json.dumps({**top, "deployment": flat}, indent=2))
+        out = {**top, "deployment": flat}
+        if systems is not None:
+            out.update(slo_ttft_s=ttft, slo_tpot_s=tpot, num_requests=args.num_requests,
+                       seed=args.seed, systems=systems)
+        print(json.dumps(out, indent=2))
         return 0
 
     def groups(rows):
@@ -82,7 +106,33 @@ def cmd_plan(args) -> int:
         for st in stages:
             print(f"  instance {i}: {st['count']}x {st['gpu']}: {st['layers']} layers, tp {st['tp']}, "
                   f"pp {st['pp']}, {st['time_s'] * 1e3:.1f} ms")
+    if systems is not None:
+        print(f"\nside by side ({args.workload}, {args.num_requests} requests a rate, seed "
+              f"{args.seed}; SLOs P95 TTFT <= {ttft} s, P95 TPOT <= {tpot * 1e3:.0f} ms):")
+        print(f"  {'system':<10} {'max req/s':>9} {'TTFT p95':>9} {'TPOT p95':>9} {'KV blocks':>10}"
+              "  deployment")
+        for name, r in systems.items():
+            if "error" in r:
+                print(f"  {name:<10} {'-':>9} {'':>9} {'':>9} {'':>10}  cannot deploy: {r['error']}")
+                continue
+            at = (f"{r['ttft_p95']:>8.2f}s {r['tpot_p95'] * 1e3:>7.1f}ms" if r["ttft_p95"] is not None
+                  else f"{'-':>9} {'-':>9}")
+            print(f"  {name:<10} {r['max_rate']:>9.2f} {at} {r['kv_blocks']:>10}  {r['deployment']}")
     return 0
+
+
+def _compare(args, cluster, shape, ttft: float, tpot: float) -> dict:
+    """Every system's max rate under the SLOs (hetis/sim/compare.py), with a bar and --plot."""
+    from tqdm import tqdm
+
+    from hetis.sim.compare import compare, plot
+    with tqdm(total=4, desc="simulate systems", unit="system", disable=args.json,
+              file=sys.stderr) as bar:
+        systems = compare(cluster, shape, args.workload, args.requests, args.num_requests,
+                          args.seed, ttft, tpot, progress=lambda _: bar.update())
+    if args.plot:
+        plot(systems, args.plot, f"{shape.name}, {args.workload}: {args.cluster}", ttft, tpot)
+    return systems
 
 
 def add_parser(sub) -> argparse.ArgumentParser:

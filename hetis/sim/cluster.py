@@ -56,6 +56,14 @@ class Cluster:
                 counts[g] = counts.get(g, 0) + n
         return counts
 
+    def subset(self, gpus) -> Cluster:
+        """The same network with only the GPUs of the types in ``gpus`` (hosts left
+        without any are dropped)."""
+        keep = set(gpus)
+        hosts = tuple(Host(h.name, {g: n for g, n in h.gpus.items() if g in keep})
+                      for h in self.hosts if keep & set(h.gpus))
+        return Cluster(hosts, self.inter_host, self.intra_host, self.inter_host_gbps)
+
     def intra_link(self, gpu: GpuType) -> Link:
         """The link between two GPUs of this type on one host."""
         return link(self.intra_host, gpu)

@@ -352,11 +352,11 @@ class _Search:
                 for inst in cfg.insts]
 
 
-def _try(s: _Search, d: int):
-    """Steps (1)-(4) for d instances: (C, d, config, choice, removals), or None."""
+def _try(s: _Search, d: int, rule: bool = True):
+    """Steps (1)-(4) for d instances (``rule=False``: not (3)): (C, d, cfg, choice, removals)."""
     cfg, removals = s.split(d), []
     if s.map_layers(cfg):
-        cfg = s.remove(cfg, d, removals)
+        cfg = s.remove(cfg, d, removals) if rule else s.drop_empty(cfg)
     if cfg.layers is None:
         s.rejected.append(f"instances={d}: " + s.no_room(cfg))
         return None
@@ -372,16 +372,17 @@ def _uniform(values: list[int]) -> int | list[int]:
 
 
 def plan(cluster: Cluster, shape: ModelShape, workload: str,
-         expected_requests: int | None = None) -> Plan:
+         expected_requests: int | None = None, rule: bool = True) -> Plan:
     """The §4.1 search over ``cluster`` for ``shape`` under ``workload`` (module
-    docstring). :class:`PlanError` when no deployment fits, with the numbers."""
+    docstring); :class:`PlanError`, with the numbers, when none fits. ``rule=False``: no 5 %
+    rule (systems without attention workers, hetis/sim/systems.py)."""
     t0 = time.perf_counter()
     R = DEFAULT_EXPECTED_REQUESTS if expected_requests is None else expected_requests
     if isinstance(R, bool) or not isinstance(R, int) or R < 1:
         raise ValueError(f"expected_requests: must be an integer >= 1 (got {R!r})")
     s = _Search(cluster, shape, workload, R)
     gcd = math.gcd(*cluster.gpu_counts().values())
-    results = [r for d in range(1, gcd + 1) if gcd % d == 0 if (r := _try(s, d)) is not None]
+    results = [r for d in range(1, gcd + 1) if gcd % d == 0 if (r := _try(s, d, rule)) is not None]
     if not results:
         raise PlanError(s.nowhere(workload))
     c, d, cfg, choice, removals = min(results, key=lambda r: (r[0], r[1]))

@@ -308,16 +308,22 @@ def max_rate(dep: Deployment, shape: ModelShape, workload: str, num_requests: in
              slo_ttft: float, slo_tpot: float, policy: str = "hetis", rel_tol: float = 0.02,
              max_model_len: int = 4096, **engine_kw) -> tuple[float, dict | None]:
     """The highest Poisson rate (req/s) at which ``dep`` meets both SLOs, and the summary
-    there: (0, None) if even a trickle misses them, (inf, ...) if all the requests at once
-    meet them (ask with more requests). Doubles from 0.125 req/s until the SLOs fail, then
-    bisects to ``rel_tol``; one seed gives the same requests at every rate, so only the
-    load changes between runs. Few requests measure a transient, not a steady state."""
+    there (:func:`search_rate`)."""
     from hetis.sim.workloads import make_requests
 
     def run(rate):
         reqs = make_requests(workload, rate, num_requests, seed, max_model_len=max_model_len)
         s = simulate(dep, shape, reqs, policy, max_model_len=max_model_len, **engine_kw).summary()
         return meets(s, slo_ttft, slo_tpot), s
+    return search_rate(run, rel_tol)
+
+
+def search_rate(run, rel_tol: float = 0.02) -> tuple[float, dict | None]:
+    """The highest rate at which ``run(rate) -> (meets the SLOs, summary)`` holds:
+    (0, None) if even a trickle misses them, (inf, ...) if all the requests at once
+    meet them (ask with more requests). Doubles from 0.125 req/s until the SLOs fail, then
+    bisects to ``rel_tol``; one seed gives the same requests at every rate, so only the
+    load changes between runs. Few requests measure a transient, not a steady state."""
     ok, s = run(math.inf)
     if ok:  # all at once meets them: no rate is too high for this many requests
         return math.inf, s
