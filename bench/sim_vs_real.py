@@ -37,14 +37,10 @@ def bench_args(quick: bool, dtype: str, threads: int | None):
 
 def predict(args, log=print) -> dict:
     """Calibrate here, then simulate the workload of ``args`` (parsed ``hetis bench`` flags)."""
-    import numpy as np
     import torch
 
     from hetis.bench.runner import make_target
-    from hetis.bench.workloads import build_workload
-    from hetis.sim.measured import calibrate, shape_of
-    from hetis.sim.simulator import Deployment, simulate
-    from hetis.sim.workloads import Request
+    from hetis.sim.measured import calibrate
     if args.threads:
         torch.set_num_threads(args.threads)
     target = make_target(args)  # hetis bench's own local target: the same harness it measures
@@ -55,18 +51,67 @@ def predict(args, log=print) -> dict:
     finally:
         target.close()
     calib_s = time.perf_counter() - t0
-    ids = np.arange(llm.model_config.vocab_size)  # lengths are all the simulator needs
-    work = build_workload(args, ids, llm.engine_config.max_model_len)
-    reqs = [Request(f"r{i}", 0.0, r.prompt_len, r.output_len) for i, r in enumerate(work)]
-    shape = shape_of(llm.model_config, bytes_per_param=2 if args.dtype == "bfloat16" else 4)
-    res = simulate(Deployment("cpu"), shape, reqs, policy="local-only",
-                   max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                   max_model_len=llm.engine_config.max_model_len, measured={"cpu": dev})
-    s = res.summary()
+    ec = llm.engine_config
+    s = simulate_workload(args, dev, llm.model_config, args.max_num_seqs,
+                          args.max_num_batched_tokens, ec.max_model_len)
     return {"predicted_output_tok_s": s["output_tok_s"], "predicted_duration_s": s["duration_s"],
             "predicted_steps": s["steps"], "calibration_s": calib_s,
             "device": {k: getattr(dev, k) for k in ("d0", "d1", "p1", "a_tok", "a_grp", "p_attn",
                                                      "e0", "e1")}}
+
+
+def simulate_workload(args, dev, mc, max_num_seqs: int, max_num_batched_tokens: int,
+                      max_model_len: int) -> dict:
+    """The make-bench workload of ``args`` through the real scheduler on ``dev``."""
+    import numpy as np
+
+    from hetis.bench.workloads import build_workload
+    from hetis.sim.measured import shape_of
+    from hetis.sim.simulator import Deployment, simulate
+    from hetis.sim.workloads import Request
+    ids = np.arange(mc.vocab_size)  # lengths are all the simulator needs
+    work = build_workload(args, ids, max_model_len)
+    reqs = [Request(f"r{i}", 0.0, r.prompt_len, r.output_len) for i, r in enumerate(work)]
+    shape = shape_of(mc, bytes_per_param=2 if args.dtype == "bfloat16" else 4)
+    return simulate(Deployment("cpu"), shape, reqs, policy="local-only", max_num_seqs=max_num_seqs,
+                    max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
+                    measured={"cpu": dev}).summary()
+
+
+def predict_mesh(router: str, step_log: str, args, log=print) -> dict:
+    """Calibrate the running mesh at ``router`` (started with ``--step-log step_log``) as
+    one device: the same calibration workloads through ``hetis bench``'s cluster target,
+    its steps as the router timed them (dense worker, attention workers and the tensor
+    exchange inside each), the wall time beyond them per step and sequence; then
+    simulate the make-bench workload (``args``) with the router's engine settings."""
+    from hetis import Client
+    from hetis.bench.targets import ClusterTarget
+    from hetis.model.config import load_config
+    from hetis.sim.measured import calibration_runs, fit
+
+    def steps():
+        with open(step_log) as f:
+            return [tuple(json.loads(line)) for line in f if line.strip()]
+    t0 = time.perf_counter()
+    target = ClusterTarget(router, None, timeout=600, ignore_eos=True)
+    try:
+        runs = calibration_runs(target, steps, progress=lambda m: log(f"  calibrate mesh: {m}"))
+    finally:
+        target.close()
+    with Client(router) as c:
+        st = c.cluster_status(timeout=30)
+    kv = sum(int(w.get("kv_total_tokens", 0)) for w in st["workers"])
+    dev = fit([r for run, _ in runs for r in run], runs, kv, lambda m: log(f"  calibrate mesh: {m}"),
+              name="mesh")
+    calib_s = time.perf_counter() - t0
+    from hetis.mesh.flags import RouterConfig
+    rc = RouterConfig()   # make bench's router runs with the defaults
+    s = simulate_workload(args, dev, load_config(), rc.max_num_seqs, rc.max_num_batched_tokens,
+                          rc.max_model_len)
+    return {"predicted_output_tok_s": s["output_tok_s"], "predicted_duration_s": s["duration_s"],
+            "predicted_steps": s["steps"], "calibration_s": calib_s,
+            "device": {k: getattr(dev, k) for k in ("d0", "d1", "p1", "a_tok", "a_grp", "p_attn",
+                                                     "e0", "e1", "kv_tokens")}}
 
 
 def main(argv=None) -> int:

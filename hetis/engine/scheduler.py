@@ -77,10 +77,11 @@ class Scheduler:
     # ------------------------------------------------------------ memory
     def needs(self, seq: Sequence, num_tokens: int):
         """(device, its manager, seq's groups there, tokens) for each device seq uses."""
-        for b, m in enumerate(self.managers):
-            gs = groups_on(seq.placement, b)
-            if gs:
-                yield b, m, gs, num_tokens
+        per: dict[int, list[int]] = {}
+        for g, b in enumerate(seq.placement):  # one pass, not one per device
+            per.setdefault(b, []).append(g)
+        for b in sorted(per):
+            yield b, self.managers[b], per[b], num_tokens
 
     def _can_alloc(self, seq: Sequence, num_tokens: int) -> bool:
         return all(m.can_allocate(seq.seq_id, gs, n) for _, m, gs, n in self.needs(seq, num_tokens))

@@ -154,6 +154,7 @@ class RouterConfig:
     kv_balance: bool = True
     max_move_tokens: int = 4096
     migrate_every: int = 0             # test-only: force a head-group move every N steps
+    step_log: str | None = None        # one JSON line per step (hetis/sim/measured.py)
     max_prompt_chars: int = 0          # 0: 32 x max_model_len
     startup_timeout: float = 300.0
     metrics_port: int | None = None

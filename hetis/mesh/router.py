@@ -29,6 +29,7 @@ is tokenized.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
 import time
@@ -126,6 +127,10 @@ class Router:
                             kv_headroom=cfg.kv_headroom, kv_balance=cfg.kv_balance,
                             rebalance_threshold=cfg.rebalance_threshold,
                             max_move_tokens=cfg.max_move_tokens, migrate_every=cfg.migrate_every)
+        if cfg.step_log:   # the steps' times and shapes, for the simulator's calibration
+            from hetis.sim.measured import record_steps, shape_of
+            out = open(cfg.step_log, "a", buffering=1)  # noqa: SIM115 - lives as the router
+            record_steps(executor, shape_of(mc), lambda r: out.write(json.dumps(r) + "\n"))
         return build_engine(executor, self.tokenizer, mc, ecfg, devices, policy=cfg.policy,
                             kv_bytes=2 if info.dtype == "bfloat16" else 4,
                             detokenize=False)  # done per stream in stream()

@@ -84,6 +84,31 @@ CALIBRATION_RUNS = [
 ]
 
 
+def step_shape(step, shape: ModelShape) -> tuple:
+    """(tokens, sampled sequences, KV tokens read by decode items, decode (sequence, group)
+    pairs, prefill attention flops over all layers) of a step, over all its devices."""
+    items = [it for per in step.work for it in per]
+    dec = [it for it in items if it.num_new == 1]
+    pre = sum(4 * shape.head_dim * shape.q_per_group * it.num_new * (it.start + (it.num_new + 1) / 2)
+              for it in items if it.num_new > 1)
+    return (step.num_tokens, sum(c.sample for c in step.chunks), sum(it.start + 1 for it in dec),
+            len(dec), shape.num_layers * pre)
+
+
+def record_steps(executor, shape: ModelShape, sink) -> None:
+    """Wrap ``executor.execute``: every step's ``(seconds, *step_shape)`` goes to ``sink``
+    (also when it fails). Undo with ``del executor.execute``."""
+    inner = executor.execute
+
+    def recorded(step):
+        t0 = time.perf_counter()
+        try:
+            return inner(step)
+        finally:
+            sink((time.perf_counter() - t0, *step_shape(step, shape)))
+    executor.execute = recorded
+
+
 def calibrate(target, progress=lambda msg: None) -> MeasuredDevice:
     """Fit a :class:`MeasuredDevice` on this machine from real steps.
 
@@ -91,60 +116,56 @@ def calibrate(target, progress=lambda msg: None) -> MeasuredDevice:
     engine behind a ServingLoop thread, one client thread per request: what the
     benchmark measures). Small calibration workloads (:data:`CALIBRATION_RUNS`, other
     lengths than the workload later predicted) run through it with every executed step
-    recorded: its time and its shape (tokens, sampled sequences, KV read, groups,
-    prefill attention flops). Least squares over the steps gives the step formula;
-    the wall time the run took beyond its steps' (the serving loop, the client
-    threads, Python's lock shared with the compute threads) is charged per step and
-    per sequence.
+    recorded: its time and its shape (:func:`step_shape`). Least squares over the steps
+    gives the step formula; the wall time the run took beyond its steps' (the serving
+    loop, the client threads, Python's lock shared with the compute threads) is charged
+    per step and per sequence (:func:`fit`).
     """
-    from hetis.bench.runner import run_requests
-    from hetis.bench.workloads import BenchRequest
     llm = target.llm
     ex = llm.engine.executor
-    shape = shape_of(llm.model_config)
-    L = shape.num_layers
     steps: list[tuple] = []
-    inner = ex.execute
-
-    def recorded(step):
-        t0 = time.perf_counter()
-        try:
-            return inner(step)
-        finally:
-            dt = time.perf_counter() - t0
-            items = step.work[0] if step.work else []
-            dec = [it for it in items if it.num_new == 1]
-            pre = sum(4 * shape.head_dim * shape.q_per_group * it.num_new
-                      * (it.start + (it.num_new + 1) / 2) for it in items if it.num_new > 1)
-            steps.append((dt, step.num_tokens, sum(c.sample for c in step.chunks),
-                          sum(it.start + 1 for it in dec), len(dec), L * pre))
-    rng = np.random.default_rng(12345)
-    overhead_rows, overhead_ys = [], []
-    ex.execute = recorded
+    record_steps(ex, shape_of(llm.model_config), steps.append)
     try:
-        for n, (lo, hi), out in CALIBRATION_RUNS:
-            reqs = [BenchRequest([1] * int(k), out) for k in rng.integers(lo, hi + 1, size=n)]
-            first = len(steps)
-            _, wall = run_requests(target, reqs, progress=False)
-            run = steps[first:]
-            overhead_rows.append([len(run), sum(r[2] for r in run)])
-            overhead_ys.append(wall - sum(r[0] for r in run))
-            progress(f"{n} requests of {lo}-{hi} + {out} tokens: {len(run)} steps, "
-                     f"{wall:.1f} s wall, {sum(r[0] for r in run):.1f} s in steps")
+        runs = calibration_runs(target, lambda: steps, progress)
     finally:
-        ex.execute = inner
+        del ex.execute
+    return fit(steps, runs, llm.engine_config.kv_tokens, progress)
+
+
+def calibration_runs(target, steps, progress=lambda msg: None) -> list[tuple]:
+    """Run :data:`CALIBRATION_RUNS` through ``target``; per run (its steps, wall seconds).
+    ``steps()`` returns every step recorded so far (wherever the recorder runs)."""
+    from hetis.bench.runner import run_requests
+    from hetis.bench.workloads import BenchRequest
+    rng = np.random.default_rng(12345)
+    runs = []
+    for n, (lo, hi), out in CALIBRATION_RUNS:
+        reqs = [BenchRequest([1] * int(k), out) for k in rng.integers(lo, hi + 1, size=n)]
+        first = len(steps())
+        _, wall = run_requests(target, reqs, progress=False)
+        run = steps()[first:]
+        runs.append((run, wall))
+        progress(f"{n} requests of {lo}-{hi} + {out} tokens: {len(run)} steps, "
+                 f"{wall:.1f} s wall, {sum(r[0] for r in run):.1f} s in steps")
+    return runs
+
+
+def fit(steps: list[tuple], runs: list[tuple], kv_tokens: int,
+        progress=lambda msg: None, name: str = "cpu") -> MeasuredDevice:
+    """The step formula by least squares over ``steps`` (coefficients >= 0), and the
+    overhead beyond the steps from ``runs`` (steps, wall) per step and per sequence."""
     A = np.array([[1.0, tok, samp, read, grp, flops] for _, tok, samp, read, grp, flops in steps])
     y = np.array([r[0] for r in steps])
     coef = _nonneg_lstsq(A, y)
     d0, p1, d1s, a_tok, a_grp, p_attn = (float(c) for c in coef)
-    e0, e1 = (float(c) for c in _nonneg_lstsq(np.array(overhead_rows, dtype=float),
-                                              np.array(overhead_ys)))
+    rows = np.array([[len(run), sum(r[2] for r in run)] for run, _ in runs], dtype=float)
+    ys = np.array([wall - sum(r[0] for r in run) for run, wall in runs])
+    e0, e1 = (float(c) for c in _nonneg_lstsq(rows, ys))
     progress(f"fit over {len(steps)} steps: d0 {d0 * 1e3:.1f} ms, {p1 * 1e6:.0f} us/token, "
              f"{d1s * 1e6:.0f} us/sampled, {a_tok * 1e9:.0f} ns/token read, "
              f"overhead {e0 * 1e3:.2f} ms/step + {e1 * 1e6:.0f} us/sequence")
     # d1 is the whole per-sampled-sequence cost of a decode step (its token's dense share too)
-    return MeasuredDevice(d0, d1s + p1, p1, a_tok, a_grp, p_attn, llm.engine_config.kv_tokens,
-                          e0, e1)
+    return MeasuredDevice(d0, d1s + p1, p1, a_tok, a_grp, p_attn, kv_tokens, e0, e1, name)
 
 
 def _nonneg_lstsq(A: np.ndarray, y: np.ndarray) -> np.ndarray:

@@ -62,6 +62,10 @@ def parse(argv=None) -> RouterConfig:
                     help="seconds to wait for the workers at start")
     ap.add_argument("--metrics-port", type=int, default=None, help="Prometheus port (0: free one)")
     ap.add_argument("--log-level", default="INFO")
+    ap.add_argument("--step-log", default=None, metavar="FILE",
+                    help="append one JSON line per executed step to FILE: [seconds, tokens, "
+                    "sampled sequences, KV tokens read, decode (sequence, group) pairs, prefill "
+                    "attention flops]; what bench/sim_vs_real.py calibrates the simulator on")
     ap.add_argument("--http-port", type=port_or_zero, default=None,
                     help="serve the OpenAI-compatible HTTP API on this port (0: a free one; "
                     "default: off)")
