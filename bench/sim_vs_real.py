@@ -86,7 +86,7 @@ def predict_mesh(router: str, step_log: str, args, log=print) -> dict:
     simulate the make-bench workload (``args``) with the router's engine settings."""
     from hetis import Client
     from hetis.bench.targets import ClusterTarget
-    from hetis.model.config import load_config
+    from hetis.model.loader import load_meta
     from hetis.sim.measured import calibration_runs, fit
 
     def steps():
@@ -106,7 +106,7 @@ def predict_mesh(router: str, step_log: str, args, log=print) -> dict:
     calib_s = time.perf_counter() - t0
     from hetis.mesh.flags import RouterConfig
     rc = RouterConfig()   # make bench's router runs with the defaults
-    s = simulate_workload(args, dev, load_config(), rc.max_num_seqs, rc.max_num_batched_tokens,
+    s = simulate_workload(args, dev, load_meta(None)[0], rc.max_num_seqs, rc.max_num_batched_tokens,
                           rc.max_model_len)
     return {"predicted_output_tok_s": s["output_tok_s"], "predicted_duration_s": s["duration_s"],
             "predicted_steps": s["steps"], "calibration_s": calib_s,
