@@ -28,7 +28,7 @@ from hetis.sim.planner import plan
 from hetis.sim.shapes import model_shape
 
 PAPER = {"splitwise": 2.25, "hexgen": 1.33, "kv_blocks": 1.87}
-MODELS = ("llama-2-13b", "opt-30b", "llama-2-70b")
+MODELS = ("llama-2-70b", "opt-30b", "llama-2-13b")   # the paper's headline model first
 WORKLOADS = ("sharegpt", "humaneval", "longbench")
 
 
@@ -82,14 +82,21 @@ def main(argv=None) -> int:
         tqdm.write(f"{m} {w}: max req/s {cells}; hetis/hexgen {row['hetis_vs']['hexgen']}, "
                    f"hetis/splitwise {row['hetis_vs']['splitwise']}, KV vs hexgen "
                    f"{row['kv_blocks_vs']['hexgen']}")
+        write(args, rows, [], t0, complete=False)
+    write(args, rows, search_times(), t0, complete=True)
+    return 0
+
+
+def write(args, rows, search, t0, complete: bool) -> None:
+    """The JSON and the plot so far: a run cut short still leaves its finished cases."""
     result = {"cluster": "examples/testbed.yaml", "num_requests": args.num_requests,
               "seed": args.seed, "rel_tol": args.rel_tol, "paper": PAPER, "rows": rows,
-              "search": search_times(), "wall_s": round(time.perf_counter() - t0, 1)}
+              "complete": complete, "search": search,
+              "wall_s": round(time.perf_counter() - t0, 1)}
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "plan_systems.json").write_text(json.dumps(result, indent=2))
     draw(result, OUT / "plan_systems.png")
-    print(f"wrote {OUT / 'plan_systems.json'} and plan_systems.png")
-    return 0
+    tqdm.write(f"wrote {OUT / 'plan_systems.json'} and plan_systems.png")
 
 
 def draw(result: dict, path) -> None:
@@ -108,7 +115,7 @@ def draw(result: dict, path) -> None:
     ax.set_ylabel("max request rate under SLOs (req/s)")
     ax.set_title("testbed: 4x A100-80G, 2x2 RTX 3090, 4x P100 (simulated)")
     ax.legend()
-    s = result["search"]
+    s = result["search"] or [{"gpus": 0, "search_s": float("nan")}]
     ax2.plot([x["gpus"] for x in s], [x["search_s"] for x in s], marker="o")
     ax2.axhline(15, color="grey", linestyle="--", label="paper: 15 s")
     ax2.set_xlabel("GPUs (5 types)")

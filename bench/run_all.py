@@ -19,6 +19,8 @@ ignore_eos, all sent at t=0 (--quick: 16 requests, 32 output tokens).
    (``bench.sim_vs_real``) predicts the engine run's output tok/s, and, calibrated on the
    mesh's own steps (the router's ``--step-log``), the mesh run's; ``sim_vs_real_error``
    is the mean absolute relative error over the runs predicted (``sim_vs_real_runs``).
+6. gemm_floor (after engine_vs_hf): ``engine_vs_gemm_floor``, the engine's output tok/s
+   over the tok/s it would reach if every step took only its GEMMs (``bench.gemm_floor``).
 
 Writes engine_vs_hf.{json,png}, mesh_vs_engine.{json,png} and summary.json.
 """
@@ -168,21 +170,22 @@ def main(argv=None) -> int:
                     help="the engine's and the mesh's dtype (default %(default)s; the HF "
                     "baseline is float32 either way)")
     ap.add_argument("--out-dir", default=str(OUT), help="default %(default)s")
-    ap.add_argument("--only", nargs="+", choices=["engine_vs_hf", "sim_vs_real", "mesh_vs_engine",
-                                                  "step_vs_matmul", "gemm_profile"], default=None,
+    ap.add_argument("--only", nargs="+", choices=["engine_vs_hf", "sim_vs_real", "gemm_floor",
+                                                  "mesh_vs_engine", "step_vs_matmul", "gemm_profile"],
+                    default=None,
                     help="run only these parts")
     args = ap.parse_args(argv)
     out_dir = pathlib.Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    parts = args.only or ["engine_vs_hf", "sim_vs_real", "mesh_vs_engine", "step_vs_matmul",
-                          "gemm_profile"]
+    parts = args.only or ["engine_vs_hf", "sim_vs_real", "gemm_floor", "mesh_vs_engine",
+                          "step_vs_matmul", "gemm_profile"]
     n, out_len = (16, 32) if args.quick else (64, 128)
     summary = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "quick": args.quick, "dtype": args.dtype, "threads": args.threads, "mesh_threads": args.mesh_threads,
                "workload": {"num_prompts": n, "input_len": [64, 512], "output_len": out_len,
                             "ignore_eos": True, "request_rate": "inf", "seed": 0},
                "engine_vs_hf": None, "mesh_vs_engine": None, "step_vs_matmul": None,
-               "sim_vs_real_error": None,
+               "sim_vs_real_error": None, "engine_vs_gemm_floor": None,
                "throughputs": {}, "errors": {}}
     th = summary["throughputs"]
     failed = False
@@ -214,6 +217,17 @@ def main(argv=None) -> int:
         except Exception as e:  # noqa: BLE001
             failed = True
             summary["errors"]["sim_vs_real"] = f"{type(e).__name__}: {e}"
+            traceback.print_exc()
+    if "gemm_floor" in parts and engine is not None:
+        # the engine run just measured against the same steps' GEMMs alone
+        try:
+            from bench.gemm_floor import measure
+            r = measure(args.quick, args.dtype, args.threads, engine["output_throughput"])
+            summary["engine_vs_gemm_floor"] = r["engine_vs_gemm_floor"]
+            summary["gemm_floor_detail"] = r
+        except Exception as e:  # noqa: BLE001
+            failed = True
+            summary["errors"]["gemm_floor"] = f"{type(e).__name__}: {e}"
             traceback.print_exc()
     if "mesh_vs_engine" in parts:
         try:
