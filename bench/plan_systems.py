@@ -110,7 +110,11 @@ def draw(result: dict, path) -> None:
     for k, name in enumerate(names):
         vals = [r["systems"].get(name, {}).get("max_rate") or 0 for r in rows]
         vals = [0 if math.isinf(v) else v for v in vals]
-        ax.bar([i + (k - 1.5) * width for i in range(len(rows))], vals, width, label=name)
+        xs = [i + (k - 1.5) * width for i in range(len(rows))]
+        ax.bar(xs, vals, width, label=name)
+        for x, r in zip(xs, rows, strict=True):
+            if "error" in r["systems"].get(name, {}):
+                ax.text(x, 0.05, "cannot\ndeploy", ha="center", va="bottom", fontsize=6, rotation=90)
     ax.set_xticks(range(len(rows)), [f"{r['model']}\n{r['workload']}" for r in rows], fontsize=7)
     ax.set_ylabel("max request rate under SLOs (req/s)")
     ax.set_title("testbed: 4x A100-80G, 2x2 RTX 3090, 4x P100 (simulated)")
