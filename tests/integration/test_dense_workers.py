@@ -34,7 +34,7 @@ def test_hetis_up_two_dense_workers_share_one_attention_worker(llm, tmp_path):
         attn = next(x for x in lines if "attn-0 serving at" in x).split("serving at ")[1].strip()
         base = llm.tokenizer.encode(BASE)
         prompts = [base[: 4 + i] for i in range(16)]
-        sp = dict(temperature=0, max_tokens=24, ignore_eos=True)
+        sp = dict(temperature=0, max_tokens=16, ignore_eos=True)
         want = [o.token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts],
                                                   SamplingParams(**sp))]
         got, samples, done = [None] * 16, [], threading.Event()
@@ -78,13 +78,13 @@ def test_kill_9_of_a_dense_worker_mid_stream_loses_no_request(llm):
     """Two dense workers, each tensor-parallel (two ranks, so each rank exchanges its own
     head groups with the attention worker); rank 0 of dense-1 is killed mid-stream."""
     c = Cluster(attn_workers=1, dense_workers=2, policy="round-robin", tp=2)
-    N = 10  # streams: both instances hold some when the kill comes
+    N = 6  # streams: both instances hold some when the kill comes
     try:
         base = llm.tokenizer.encode(BASE)
         prompts = [base[: 4 + i] for i in range(N)]
         # even streams greedy, odd ones seeded sampling: both must come out exactly
-        sampling = [dict(temperature=0, max_tokens=28, ignore_eos=True) if i % 2 == 0 else
-                    dict(temperature=0.8, top_p=0.95, seed=100 + i, max_tokens=28, ignore_eos=True)
+        sampling = [dict(temperature=0, max_tokens=16, ignore_eos=True) if i % 2 == 0 else
+                    dict(temperature=0.8, top_p=0.95, seed=100 + i, max_tokens=16, ignore_eos=True)
                     for i in range(N)]
         want = [o.token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts],
                                                   [SamplingParams(**sp) for sp in sampling])]
