@@ -13,7 +13,7 @@ from hetis.v1 import generation_pb2_grpc, worker_pb2, worker_pb2_grpc
 from tests.helpers.cluster import Cluster
 from tests.helpers.reference import hf_greedy
 
-N_TOK = 24
+N_TOK = 16
 
 
 def greedy(n=N_TOK, **kw):
@@ -36,12 +36,16 @@ def run(stub, ids=None, prompt=None, sampling=None, timeout=300):
 
 
 # 0 attention workers (all local) and 2 (round-robin: remote groups on both, and local
-# ones); a single worker showed nothing the two do not, at a third of the file's time
-@pytest.fixture(scope="module", params=[(0, "hetis"), (2, "round-robin")],
+# ones); a single worker showed nothing the two do not, at a third of the file's time.
+# The 0-attn mesh runs one request at a time with a queue of one (every test on it sends
+# one request at a time; test_queue_limit_gives_resource_exhausted bursts into it), so
+# the queue limit needs no mesh of its own.
+@pytest.fixture(scope="module", params=[(0, "hetis", ("--max-queue", "1", "--max-num-seqs", "1")),
+                                        (2, "round-robin", ("--max-queue", "64"))],
                 ids=["0-attn", "2-attn"])
 def cluster(request):
-    n, policy = request.param
-    c = Cluster(attn_workers=n, policy=policy, router_args=("--max-queue", "64"))
+    n, policy, router_args = request.param
+    c = Cluster(attn_workers=n, policy=policy, router_args=router_args)
     c.n_attn = n
     with grpc.insecure_channel(c.target) as ch:
         c.stub = generation_pb2_grpc.GenerationStub(ch)
@@ -74,7 +78,7 @@ def test_head_groups_resident_on_attention_workers(cluster, llm):
     """While a request runs, cluster status shows its groups spread over the workers."""
     box = {}
     t = threading.Thread(target=lambda: box.setdefault("r", run(cluster.stub, prompt="Tell me a story.",
-                                                                  sampling=greedy(48))))
+                                                                  sampling=greedy(24))))
     t.start()
     seen: dict[str, set] = {}
     deadline = time.monotonic() + 120
@@ -100,7 +104,7 @@ def test_head_groups_resident_on_attention_workers(cluster, llm):
         with grpc.insecure_channel(addr) as ch:
             s = worker_pb2_grpc.AttentionWorkerStub(ch).Stats(worker_pb2.StatsRequest(), timeout=10)
         assert s.joined and s.steps > 0
-    ref = llm.generate("Tell me a story.", SamplingParams(temperature=0, max_tokens=48, ignore_eos=True))[0]
+    ref = llm.generate("Tell me a story.", SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))[0]
     assert box["r"][0] == ref.token_ids
 
 
@@ -109,7 +113,7 @@ def test_sixteen_concurrent_streams(cluster, llm):
         pytest.skip("run once, on the largest mesh")
     base = llm.tokenizer.encode("The history of the printing press begins in the fifteenth century, when ")
     prompts = [base[: 4 + i] for i in range(16)]
-    lens = [8 + (i * 7) % 20 for i in range(16)]
+    lens = [4 + (i * 7) % 13 for i in range(16)]  # 4..16 tokens: streams end at different steps
     want = [o.token_ids for o in llm.generate(
         [{"prompt_token_ids": p} for p in prompts],
         [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in lens])]
@@ -198,29 +202,27 @@ def test_model_info_and_tokenize(cluster, llm):
     assert list(tk.token_ids) == llm.tokenizer.encode_chat([{"role": "user", "content": "Hi"}])
 
 
-def test_queue_limit_gives_resource_exhausted():
-    c = Cluster(attn_workers=0, router_args=("--max-queue", "1", "--max-num-seqs", "1"))
-    try:
-        with grpc.insecure_channel(c.target) as ch:
-            stub = generation_pb2_grpc.GenerationStub(ch)
-            codes = []
+def test_queue_limit_gives_resource_exhausted(cluster):
+    """The 0-attn mesh runs one request and queues one (--max-num-seqs 1 --max-queue 1): a
+    burst of six is partly refused, the rest served, and the mesh serves on."""
+    if cluster.n_attn != 0:
+        pytest.skip("the queue is the router's; the 0-attn mesh has the small one")
+    codes = []
 
-            def one():
-                try:
-                    run(stub, prompt="Write a long essay.", sampling=greedy(40))
-                    codes.append("ok")
-                except grpc.RpcError as e:
-                    codes.append(e.code())
-            threads = [threading.Thread(target=one) for _ in range(6)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes
-            assert "ok" in codes
-            assert run(stub, prompt="after the burst", sampling=greedy(2))[2] == "length"
-    finally:
-        c.stop()
+    def one():
+        try:
+            run(cluster.stub, prompt="Write a long essay.", sampling=greedy(12))
+            codes.append("ok")
+        except grpc.RpcError as e:
+            codes.append(e.code())
+    threads = [threading.Thread(target=one) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes
+    assert "ok" in codes
+    assert run(cluster.stub, prompt="after the burst", sampling=greedy(2))[2] == "length"
 
 
 def test_dense_worker_rejects_a_bad_step_and_keeps_serving(cluster):
@@ -322,12 +324,12 @@ def test_stop_strings_match_in_process(cluster, llm):
     if cluster.n_attn != 0:
         pytest.skip("text handling is the router's own: run once")
     prompt = "The history of the printing press begins in the fifteenth century, when "
-    full = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))[0]
+    full = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))[0]
     words = full.text.split()
     stops = [words[len(words) // 2] + " " + words[len(words) // 2 + 1], "zzzq"]
-    sp = dict(temperature=0, max_tokens=40, ignore_eos=True, stop=stops)
+    sp = dict(temperature=0, max_tokens=24, ignore_eos=True, stop=stops)
     want = llm.generate(prompt, SamplingParams(**sp))[0]
-    assert want.finish_reason == "stop" and len(want.token_ids) < 40
+    assert want.finish_reason == "stop" and len(want.token_ids) < 24
     req = pb.GenerateRequest(prompt=prompt, sampling=pb.SamplingParams(**sp))
     chunks = list(cluster.stub.Generate(req, timeout=300))
     text = "".join(c.text for c in chunks)
