@@ -12,7 +12,7 @@ def _requests(llm, n=16):
     ids = llm.tokenizer.encode(base)
     # different prompt lengths and different output lengths
     return ([{"prompt_token_ids": ids[: 5 + 9 * i]} for i in range(n)],
-            [SamplingParams(temperature=0, max_tokens=4 + (i * 5) % 23, ignore_eos=True) for i in range(n)])
+            [SamplingParams(temperature=0, max_tokens=4 + (i * 5) % 13, ignore_eos=True) for i in range(n)])
 
 
 @pytest.fixture(scope="module")
