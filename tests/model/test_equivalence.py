@@ -43,7 +43,9 @@ def test_logits_match_transformers(llm, hf_model, prompts):
     assert (ours - ref).abs().max().item() < 1e-3
 
 
-@pytest.mark.parametrize("placement", [[0, 0, 1], [0, 1, 2], [2, 0, 1]])
+# [0, 1, 2] (each group on its own backend, in order) is round-robin's placement of the first
+# request in test_the_dispatcher_places_in_process_and_tokens_stay_exact, exact there too
+@pytest.mark.parametrize("placement", [[0, 0, 1], [2, 0, 1]])
 def test_tokens_identical_whatever_the_placement(prompts, hf_tokens, placement):
     split = LLM(placement=placement)
     assert len(split.engine.executor.backends) == max(placement) + 1
