@@ -5,7 +5,7 @@ VPY     := $(VENV)/bin/python
 PIP     := $(VPY) -m pip
 STAMP   := $(VENV)/.installed
 
-.PHONY: install test test-fast test-model test-integration demo protos bench clean
+.PHONY: install test test-fast test-model test-integration demo protos bench bench-llamacpp clean
 
 install: $(STAMP)
 
@@ -53,6 +53,26 @@ protos:
 
 bench: install
 	$(VPY) -m bench.run_all
+
+# llama.cpp on the same GGUF and requests (docs/bench-llamacpp.md). llama-cpp-python is
+# compiled from PyPI's sdist (~12 min on 2 cores) into its own venv, never into .venv:
+# `hetis bench --baseline llama.cpp` runs it as a subprocess of that venv's python.
+# Never part of `make install` or CI.
+LLAMACPP_VENV    := .venv-llamacpp
+LLAMACPP_VERSION ?= 0.3.36
+LLAMACPP_STAMP   := $(LLAMACPP_VENV)/.installed-$(LLAMACPP_VERSION)
+
+bench-llamacpp: install $(LLAMACPP_STAMP)
+	$(VPY) -m hetis.bench.llamacpp_baseline --out bench/results/llamacpp.json
+
+$(LLAMACPP_STAMP):
+	@test -x $(LLAMACPP_VENV)/bin/python || $(PY) -m venv $(LLAMACPP_VENV)
+	$(LLAMACPP_VENV)/bin/python -m pip install -q --upgrade pip
+	CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL=2 \
+		$(LLAMACPP_VENV)/bin/python -m pip install --no-binary llama-cpp-python \
+		llama-cpp-python==$(LLAMACPP_VERSION)
+	$(LLAMACPP_VENV)/bin/python -c "import llama_cpp; print('llama-cpp-python', llama_cpp.__version__)"
+	@touch $@
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -106,10 +106,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--no-warmup", action="store_true",
                    help="skip the untimed warm-up request")
     g = b.add_argument_group("baseline")
-    g.add_argument("--baseline", choices=["hf"], default=None,
-                   help="'hf': also run transformers generate on the same requests")
+    g.add_argument("--baseline", choices=["hf", "llama.cpp"], default=None,
+                   help="'hf': also run transformers generate on the same requests; "
+                   "'llama.cpp': also run them through llama.cpp on the same GGUF (one KV "
+                   "stream per sequence, batched like its server; needs `make "
+                   "bench-llamacpp`, docs/bench-llamacpp.md)")
     g.add_argument("--baseline-batch", type=positive_int, default=8, metavar="N",
-                   help="static batch size of the baseline (default %(default)s)")
+                   help="static batch size of the hf baseline (default %(default)s)")
     b.set_defaults(func=cmd_bench)
     return b
 
@@ -143,10 +146,17 @@ def cmd_bench(args) -> int:
             raise UsageError(f"{', '.join(local_only)}: only with --engine local")
     if args.burstiness <= 0:
         raise UsageError(f"--burstiness: must be > 0 (got {args.burstiness})")
-    from hetis.bench.runner import run
+    if args.baseline == "llama.cpp":
+        from hetis.bench.llamacpp_baseline import LlamaCppMissing, check_venv
+        if args.temperature != 0:
+            raise UsageError("--baseline llama.cpp: greedy only (--temperature 0)")
+        try:   # before the model loads: a missing venv costs no benchmark
+            check_venv()
+        except LlamaCppMissing as e:
+            raise UsageError(str(e)) from None
     from hetis.bench.targets import OpenAIRequestError
     try:
-        result = run(args, log=lambda msg: print(msg, file=sys.stderr))
+        result = run_with_baseline(args, log=lambda msg: print(msg, file=sys.stderr))
     except OpenAIRequestError as e:  # the server refused or did not answer: exit 1, like gRPC's
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
@@ -160,3 +170,40 @@ def cmd_bench(args) -> int:
     return 0 if result["completed"] else 1
 
 
+
+
+def run_with_baseline(args, log=print) -> dict:
+    """``hetis bench``'s run, then with ``--baseline llama.cpp`` the same requests through
+    llama.cpp (hetis/bench/llamacpp_baseline.py); the result written and printed once."""
+    from hetis.bench.runner import run
+    if args.baseline != "llama.cpp":
+        return run(args, log=log)
+    from hetis.bench import report
+    from hetis.bench.llamacpp_baseline import add_baseline, print_comparison
+    from hetis.bench.workloads import build_workload, tokenizer_token_ids
+    from hetis.model.loader import load_meta
+    if not args.ignore_eos:
+        log("--baseline llama.cpp: implying --ignore-eos so both sides generate the same lengths")
+        args.ignore_eos = True
+    out, plot = args.out, args.plot
+    args.out = args.plot = None
+    args.baseline = None
+    try:
+        result = run(args, log=log)
+    finally:
+        args.out, args.plot, args.baseline = out, plot, "llama.cpp"
+    # the same requests again (build_workload is seeded by --seed): checked against the run's
+    requests = build_workload(args, tokenizer_token_ids(load_meta(args.model)[1]),
+                              args.max_model_len)
+    ran = [(r["prompt_len"], r["expected_output_len"]) for r in result["requests"]]
+    if ran != [(r.prompt_len, r.output_len) for r in requests]:
+        raise RuntimeError("--baseline llama.cpp: rebuilding the workload gave other requests")
+    add_baseline(result, requests, args, log=log)
+    print_comparison(result)
+    if args.out:
+        report.write_json(result, args.out)
+        log(f"wrote {args.out}")
+    if args.plot:
+        report.plot(result, args.plot)
+        log(f"wrote {args.plot}")
+    return result
