@@ -82,14 +82,15 @@ def gguf_path(model: str | None) -> str:
 
 
 def run_llamacpp_baseline(requests, model: str | None, threads: int, n_slots: int,
-                          offsets=None, warmup: bool = True, log=print) -> dict:
+                          offsets=None, warmup: bool = True, log=print, n_batch: int = 2048,
+                          n_ubatch: int = 512) -> dict:
     """Run ``requests`` (``BenchRequest``s, sent at ``offsets`` s) through llama.cpp with
     ``n_slots`` sequences at most at once; metrics like Hetis's, and the driver's settings."""
     py, version = check_venv()
     path = gguf_path(model)
     offsets = np.zeros(len(requests)) if offsets is None else offsets
-    spec = {"model": path, "threads": threads, "n_slots": n_slots, "n_batch": 2048,
-            "n_ubatch": 512, "kv_unified": False, "warmup": warmup,
+    spec = {"model": path, "threads": threads, "n_slots": n_slots, "n_batch": n_batch,
+            "n_ubatch": n_ubatch, "kv_unified": False, "warmup": warmup,
             "requests": [{"prompt": list(map(int, r.prompt_token_ids)),
                           "max_tokens": int(r.output_len), "arrival_s": float(o)}
                          for r, o in zip(requests, offsets)]}
@@ -107,8 +108,8 @@ def run_llamacpp_baseline(requests, model: str | None, threads: int, n_slots: in
             raise RuntimeError(f"the llama.cpp driver failed (exit {rc}):\n{tail}")
         with open(out_f) as f:
             out = json.load(f)
-    results = []
-    for req, r in zip(requests, out.pop("results")):
+    results, rows = [], out.pop("results")
+    for req, r in zip(requests, rows):
         rr = RequestResult(req.prompt_len, req.output_len, send_time=r["send_s"],
                            ttft=r["ttft_s"], latency=r["latency_s"], itl=r["itl_s"],
                            output_tokens=r["output_tokens"])
@@ -119,7 +120,8 @@ def run_llamacpp_baseline(requests, model: str | None, threads: int, n_slots: in
     log(f"baseline: llama.cpp (llama-cpp-python {version}) loaded in {out['load_s']:.1f}s, "
         f"{out['n_slots']} slots, {out['steps']} decode calls; the subprocess took {wall:.1f}s")
     return {**out, "dtype": f"{_gguf_type(path)} (the GGUF's own)", "batch_size": out["n_slots"],
-            "model_path": path, "subprocess_s": wall, **metrics}
+            "model_path": path, "subprocess_s": wall, **metrics,
+            "output_token_ids": [r["tokens"] for r in rows]}
 
 
 def _gguf_type(path: str) -> str:

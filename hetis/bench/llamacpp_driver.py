@@ -125,6 +125,8 @@ def run(spec: dict) -> dict:
             active.append(_Seq(i, free.pop(), requests[i],
                                t0 + requests[i].get("arrival_s", 0.0)))
         if not active:
+            if not free:
+                raise RuntimeError("no sequence runs and no slot is free")
             time.sleep(max(0.0, t0 + requests[pending[0]]["arrival_s"] - time.perf_counter()))
             continue
         n = 0
