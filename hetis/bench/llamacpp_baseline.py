@@ -15,7 +15,8 @@ first submit to the last token of all requests, and TPOT (decode alone: from a
 request's first token to its last, per token after the first).
 
 ``python -m hetis.bench.llamacpp_baseline --out FILE`` (what ``make bench-llamacpp``
-runs) does the issue's two workloads, each for Hetis bf16 and Hetis ``--weights gguf``
+runs) does the issue's two workloads, each for Hetis in bfloat16 with dense weights and with
+``--weights gguf``
 against llama.cpp back to back, and writes the ratios.
 """
 from __future__ import annotations
@@ -225,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in a.workloads:
         runs = {}
         for w in a.weights:
-            cmd = ["bench", "--engine", "local", "--threads", a.threads, "--weights", w,
+            cmd = ["bench", "--engine", "local", "--threads", a.threads, "--dtype", "bfloat16",
+                   "--weights", w,
                    "--baseline", "llama.cpp", "--disable-tqdm", *WORKLOADS[name]]
             args = build_parser().parse_args(cmd)
             print(f"== {name}, Hetis weights {w}: hetis {' '.join(cmd)}", file=sys.stderr)
