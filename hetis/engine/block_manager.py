@@ -23,11 +23,33 @@ is immediate.
 """
 from __future__ import annotations
 
+from itertools import repeat
+
 Key = tuple[int, int]  # (sequence id, head group)
 
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+_SPLITS: dict[tuple[int, ...], dict[int, tuple[int, ...]]] = {}
+
+
+def groups_by_device(placement) -> dict[int, tuple[int, ...]]:
+    """device -> the head groups of ``placement`` on it (ascending), the devices in
+    ascending order. Memoised by value (placements repeat: the dispatcher deals alike
+    requests alike), so the answer is shared: do not change it."""
+    key = tuple(placement)
+    out = _SPLITS.get(key)
+    if out is None:
+        per: dict[int, list[int]] = {}
+        for g, b in enumerate(key):
+            per.setdefault(b, []).append(g)
+        out = {b: tuple(per[b]) for b in sorted(per)}
+        if len(_SPLITS) >= 1 << 15:  # a bound, not a policy: rebuilt on demand
+            _SPLITS.clear()
+        _SPLITS[key] = out
+    return out
 
 
 class BlockManager:
@@ -39,6 +61,9 @@ class BlockManager:
         self.num_blocks, self.block_size = num_blocks, block_size
         self.free_blocks: list[int] = list(range(num_blocks - 1, -1, -1))  # pop() gives 0 first
         self.tables: dict[Key, list[int]] = {}
+        # the same tables by sequence (group -> table, in the order ``tables`` has them):
+        # a sequence's lookups and frees touch its own groups only
+        self._by_seq: dict[int, dict[int, list[int]]] = {}
         self.fence: int | None = None                  # see the module doc
         self.deferred: list[tuple[int, list[int]]] = []  # (fence, blocks) freed under a fence
 
@@ -58,7 +83,15 @@ class BlockManager:
     def blocks_needed(self, seq_id: int, groups, num_tokens: int) -> int:
         """Blocks to add so each of ``groups`` of ``seq_id`` holds ``num_tokens`` tokens."""
         want = cdiv(num_tokens, self.block_size)
-        return sum(max(0, want - len(self.tables.get((seq_id, g), ()))) for g in groups)
+        tabs = self._by_seq.get(seq_id)
+        if tabs is None:
+            return want * len(groups)
+        have = list(map(len, map(tabs.get, groups, repeat(()))))
+        if not have:
+            return 0
+        if max(have) <= want:  # no table past the target: the sum of the shortfalls
+            return want * len(have) - sum(have)
+        return sum(want - n for n in have if n < want)
 
     def can_allocate(self, seq_id: int, groups, num_tokens: int) -> bool:
         return self.blocks_needed(seq_id, groups, num_tokens) <= len(self.free_blocks)
@@ -68,20 +101,36 @@ class BlockManager:
         if need > len(self.free_blocks):
             raise MemoryError(f"KV cache full: need {need} blocks, {len(self.free_blocks)} free")
         want = cdiv(num_tokens, self.block_size)
+        if not need and want:  # every group already holds a table that long
+            return
+        free = self.free_blocks
+        tabs = self._by_seq.setdefault(seq_id, {})
         for g in groups:
-            table = self.tables.setdefault((seq_id, g), [])
-            while len(table) < want:
-                table.append(self.free_blocks.pop())
+            table = tabs.get(g)
+            if table is None:
+                table = tabs[g] = self.tables[(seq_id, g)] = []
+            k = want - len(table)
+            if k > 0:  # as k pops: the last free block first
+                taken = free[-k:]
+                del free[-k:]
+                taken.reverse()
+                table += taken
 
     def free(self, seq_id: int, groups=None) -> None:
         """Free ``groups`` of a sequence (all of its groups when None)."""
-        keys = [k for k in self.tables if k[0] == seq_id and (groups is None or k[1] in groups)]
-        for k in keys:
-            blocks = self.tables.pop(k)
+        tabs = self._by_seq.get(seq_id)
+        if not tabs:
+            return
+        keys = [g for g in tabs if groups is None or g in groups]
+        for g in keys:
+            blocks = tabs.pop(g)
+            del self.tables[(seq_id, g)]
             if self.fence is None:
                 self.free_blocks.extend(reversed(blocks))
             else:
                 self.deferred.append((self.fence, blocks))
+        if not tabs:
+            del self._by_seq[seq_id]
 
     def release(self, safe: int | None) -> None:
         """Free the deferred blocks whose fence is below ``safe`` (None: all of them)."""

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable
 
 from hetis.defaults import POLICIES
-from hetis.engine.block_manager import cdiv
+from hetis.engine.block_manager import cdiv, groups_by_device
 from hetis.engine.sequence import Sequence
 
 
@@ -92,10 +92,12 @@ class Dispatcher:
             if s is exclude or s.placement is None:
                 continue
             blocks = cdiv(self.expected_len(s), self.block_size)
-            for d in s.placement:
-                tokens[d] += s.num_tokens
-                groups[d] += 1
-                reserved[d] += blocks
+            t = s.num_tokens
+            for d, gs in groups_by_device(s.placement).items():  # per device, not per group
+                k = len(gs)
+                tokens[d] += k * t
+                groups[d] += k
+                reserved[d] += k * blocks
         return tokens, groups, reserved
 
     def predicted_times(self, tokens, groups) -> list[float]:

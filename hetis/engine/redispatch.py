@@ -33,14 +33,16 @@ relief is a preemption and nothing is rebalanced or drained by moving.
 from __future__ import annotations
 
 from hetis.engine import migration
-from hetis.engine.block_manager import cdiv
+from hetis.engine.block_manager import cdiv, groups_by_device
 from hetis.engine.sequence import Sequence
 
 RETRY, WAIT = "retry", "wait"
 
 
 def _on(seq: Sequence, dev: int) -> list[int]:
-    return [g for g, d in enumerate(seq.placement or ()) if d == dev]
+    if not seq.placement:
+        return []
+    return list(groups_by_device(seq.placement).get(dev, ()))
 
 
 def active(engine) -> bool:
@@ -114,33 +116,53 @@ def relieve(engine, index: int, seq: Sequence, num_tokens: int, queue: list[Sequ
     return victim
 
 
-def ideal_makespan(engine, tokens, groups) -> float:
-    """f*: the attention makespan if all running work (token x group reads) were spread
-    over the usable devices in proportion to their speed, with only each device's total
-    KV capacity as a limit (a fluid bound: per-group costs spread per token)."""
+def _fluid(engine, tokens, groups):
+    """(work, [(rate, fixed, cap)] of the usable devices) of :func:`ideal_makespan`."""
     d = engine.dispatcher
     live = [i for i, dev in enumerate(d.devices) if dev.usable]
     work = sum(tokens[i] for i in range(len(tokens)))
     if not live or work <= 0:
-        return 0.0
+        return work, []
     per = work / max(sum(groups), 1)  # tokens per group, on average
-    rate, fixed, cap = {}, {}, {}
+    out = []
     for i in live:
         dev = d.devices[i]
         extra = dev.cost_per_group + (d.row_bytes / dev.bandwidth if dev.remote else 0.0)
-        rate[i] = d.L * (dev.cost_per_token + extra / per)
-        fixed[i] = d.L * dev.latency if dev.remote else 0.0
-        cap[i] = engine.managers[i].capacity_tokens
+        out.append((d.L * (dev.cost_per_token + extra / per), d.L * dev.latency if dev.remote else 0.0,
+                    engine.managers[i].capacity_tokens))
+    return work, out
+
+
+def ideal_makespan(engine, tokens, groups, fluid=None) -> float:
+    """f*: the attention makespan if all running work (token x group reads) were spread
+    over the usable devices in proportion to their speed, with only each device's total
+    KV capacity as a limit (a fluid bound: per-group costs spread per token)."""
+    work, devs = fluid or _fluid(engine, tokens, groups)
+    if not devs:
+        return 0.0
 
     def done(t: float) -> float:
-        return sum(min(cap[i], max(0.0, (t - fixed[i]) / rate[i])) for i in live)
-    if done(float("inf")) < work:  # more than every device can hold: all of them, full
-        return max(fixed[i] + rate[i] * cap[i] for i in live)
-    lo, hi = 0.0, max(fixed[i] + rate[i] * work for i in live)
+        return sum([min(cap, max(0.0, (t - fixed) / rate)) for rate, fixed, cap in devs])
+    if sum(cap for _, _, cap in devs) < work:  # more than every device can hold: all of them, full
+        return max(fixed + rate * cap for rate, fixed, cap in devs)
+    lo, hi = 0.0, max(fixed + rate * work for rate, fixed, _ in devs)
     for _ in range(60):
         mid = (lo + hi) / 2
         lo, hi = (lo, mid) if done(mid) >= work else (mid, hi)
     return hi
+
+
+def _within_ideal(engine, tokens, groups, t: float, factor: float) -> bool:
+    """``t <= factor * ideal_makespan(...)``, without the bisection when a lower bound of
+    f* already says so: with room for all the work, f* >= work / sum(1 / rate) (every
+    device busy from 0, no fixed cost, no cap)."""
+    fluid = _fluid(engine, tokens, groups)
+    work, devs = fluid
+    if devs and sum(cap for _, _, cap in devs) >= work:
+        bound = work / sum(1 / rate for rate, _, _ in devs) * (1 - 1e-9)
+        if t <= factor * bound:
+            return True
+    return t <= factor * ideal_makespan(engine, tokens, groups, fluid)
 
 
 def rebalance(engine, index: int) -> bool:
@@ -156,11 +178,11 @@ def rebalance(engine, index: int) -> bool:
     if len(live) < 2:
         return False
     slow = max(live, key=lambda i: (times[i], -i))
-    if times[slow] <= (1 + theta) * ideal_makespan(engine, tokens, groups):
+    if _within_ideal(engine, tokens, groups, times[slow], 1 + theta):
         return False
     now = engine._next_step
-    cands = [s for s in inst.scheduler.running
-             if _on(s, slow) and now - s.moved_at >= engine.cfg.move_cooldown]
+    cands = [s for s in inst.scheduler.running if s.placement
+             and slow in groups_by_device(s.placement) and now - s.moved_at >= engine.cfg.move_cooldown]
     if not cands:
         return False
     seq = max(cands, key=lambda s: (s.num_tokens * len(_on(s, slow)), -s.arrival))

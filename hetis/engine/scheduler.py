@@ -18,7 +18,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
-from hetis.engine.block_manager import BlockManager
+from hetis.engine.block_manager import BlockManager, groups_by_device
 from hetis.engine.config import EngineConfig
 from hetis.engine.sequence import Sequence, Status
 from hetis.engine.step import AttnItem
@@ -76,12 +76,10 @@ class Scheduler:
 
     # ------------------------------------------------------------ memory
     def needs(self, seq: Sequence, num_tokens: int):
-        """(device, its manager, seq's groups there, tokens) for each device seq uses."""
-        per: dict[int, list[int]] = {}
-        for g, b in enumerate(seq.placement):  # one pass, not one per device
-            per.setdefault(b, []).append(g)
-        for b in sorted(per):
-            yield b, self.managers[b], per[b], num_tokens
+        """(device, its manager, seq's groups there, tokens) for each device seq uses, the
+        devices in ascending order."""
+        for b, gs in groups_by_device(seq.placement).items():
+            yield b, self.managers[b], gs, num_tokens
 
     def _can_alloc(self, seq: Sequence, num_tokens: int) -> bool:
         return all(m.can_allocate(seq.seq_id, gs, n) for _, m, gs, n in self.needs(seq, num_tokens))
@@ -173,8 +171,10 @@ class Scheduler:
     def items(self, chunks: list[Chunk]) -> list[list[AttnItem]]:
         """The step's attention work per backend, item-major in chunk order."""
         per: list[list[AttnItem]] = [[] for _ in self.managers]
+        tables = [m.tables for m in self.managers]
         for c in chunks:
-            sid = c.seq.seq_id
-            for g, b in enumerate(c.seq.placement):
-                per[b].append(AttnItem(sid, g, c.start, c.num_new, self.managers[b].table(sid, g)))
+            sid, start, n = c.seq.seq_id, c.start, c.num_new
+            for b, gs in groups_by_device(c.seq.placement).items():
+                tb = tables[b]
+                per[b] += [AttnItem(sid, g, start, n, tb[(sid, g)]) for g in gs]
         return per

@@ -139,19 +139,28 @@ class SimExecutor:
         return moves + dense + slowest
 
     def _attention(self, model: DeviceModel, items, primary: bool) -> float:
-        shape, L = self.shape, self.shape.num_layers
-        tokens_read = groups = 0
+        return self._attention_time(model, self._tally(items), primary)
+
+    def _tally(self, items) -> tuple[int, int, list[float]]:
+        """(tokens read by the decode items, their count, the prefill chunks' flops in item
+        order) of one device's items: what its attention time depends on."""
+        starts = [it.start for it in items if it.num_new == 1]
+        if len(starts) == len(items):  # decode only: the common step
+            return sum(starts) + len(starts), len(starts), []
+        c = 4 * self.shape.head_dim * self.shape.q_per_group
+        # causal attention of a chunk: its rows against start + row tokens each
+        flops = [c * it.num_new * (it.start + (it.num_new + 1) / 2) for it in items if it.num_new != 1]
+        return sum(starts) + len(starts), len(starts), flops
+
+    def _attention_time(self, model: DeviceModel, tally, primary: bool) -> float:
+        L = self.shape.num_layers
+        tokens_read, groups, flops = tally
         prefill = 0.0
-        for it in items:
-            if it.num_new == 1:
-                tokens_read += it.start + 1
-                groups += 1
-            else:  # causal attention of a chunk: its rows against start + row tokens each
-                flops = 4 * shape.head_dim * shape.q_per_group * it.num_new * (it.start + (it.num_new + 1) / 2)
-                prefill += L * model.attention_flops_time(flops)
+        for f in flops:
+            prefill += L * model.attention_flops_time(f)
         t = prefill
         if groups:
-            t += model.decode_attention_time(shape, tokens_read, groups, L)
+            t += model.decode_attention_time(self.shape, tokens_read, groups, L)
         return t / self.tp if primary else t  # the primary's groups are split over its TP ranks
 
 

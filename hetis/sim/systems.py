@@ -215,8 +215,12 @@ class PipelineExecutor(SimExecutor):
         n_seq = sum(1 for _, s in chunks if s)
         if not n_tok:
             return moves
-        work = [[self._own(it) for it in items if it.start + it.num_new > self.imported.get(it.seq_id, 0)]
-                for items in step.work]
+        if self.imported:
+            work = [[self._own(it) for it in items
+                     if it.start + it.num_new > self.imported.get(it.seq_id, 0)]
+                    for items in step.work]
+        else:  # nothing imported: every item is computed here
+            work = step.work
         remote = 0.0
         for b, items in enumerate(work[1:], start=1):
             if items:
@@ -228,9 +232,10 @@ class PipelineExecutor(SimExecutor):
         m = max(1, min(len(self.subs), len(chunks)))
         b_tok, b_seq = n_tok / m, n_seq / m
         times = []
+        own = self._tally(work[0]) if work[0] else None  # the same items on every sub-stage
         for s, model, ar, out in self.subs:
             frac = s.layers / L
-            local = self._attention(model, work[0], False) / s.tp * frac if work[0] else 0.0
+            local = self._attention_time(model, own, False) / s.tp * frac if own else 0.0
             self.attn_s[0] += local
             t = model.dense_time(shape, b_tok, s.layers, tp=s.tp)
             if s.tp > 1:
