@@ -60,13 +60,25 @@ def main(argv=None) -> int:
     ap.add_argument("--rel-tol", type=float, default=0.05)
     ap.add_argument("--models", nargs="+", default=list(MODELS))
     ap.add_argument("--workloads", nargs="+", default=list(WORKLOADS))
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the other cases of the existing plan_systems.json (same "
+                         "--num-requests, --seed and --rel-tol): run the table in pieces")
     args = ap.parse_args(argv)
     cluster = load_cluster("examples/testbed.yaml")
     rows = []
+    if args.merge and (OUT / "plan_systems.json").exists():
+        old = json.loads((OUT / "plan_systems.json").read_text())
+        same = all(old.get(k) == getattr(args, k) for k in ("num_requests", "seed", "rel_tol"))
+        if not same:
+            raise SystemExit("--merge: plan_systems.json was run with other --num-requests, "
+                             "--seed or --rel-tol")
+        mine = {(m, w) for m in args.models for w in args.workloads}
+        rows = [r for r in old["rows"] if (r["model"], r["workload"]) not in mine]
     t0 = time.perf_counter()
     cases = [(m, w) for m in args.models for w in args.workloads]
     for m, w in tqdm(cases, desc="model x workload", unit="case"):
         ttft, tpot = default_slos(w)
+        t_case = time.perf_counter()
         s = compare(cluster, model_shape(m), w, None, args.num_requests, args.seed, ttft, tpot,
                     rel_tol=args.rel_tol)
         h = s.get("hetis", {})
@@ -75,15 +87,20 @@ def main(argv=None) -> int:
                "hetis_vs": {k: ratio(h.get("max_rate"), s[k].get("max_rate"))
                             for k in ("hexgen", "splitwise", "vllm")},
                "kv_blocks_vs": {k: ratio(h.get("kv_blocks"), s[k].get("kv_blocks"))
-                                for k in ("hexgen", "splitwise", "vllm")}}
+                                for k in ("hexgen", "splitwise", "vllm")},
+               "wall_s": round(time.perf_counter() - t_case, 1)}
         rows.append(row)
+        rows.sort(key=lambda r: (MODELS.index(r["model"]) if r["model"] in MODELS else 99,
+                                 WORKLOADS.index(r["workload"]) if r["workload"] in WORKLOADS else 99))
         cells = "  ".join(f"{k} {v['max_rate']:.2f}" if "max_rate" in v else f"{k} -"
                           for k, v in s.items())
         tqdm.write(f"{m} {w}: max req/s {cells}; hetis/hexgen {row['hetis_vs']['hexgen']}, "
                    f"hetis/splitwise {row['hetis_vs']['splitwise']}, KV vs hexgen "
                    f"{row['kv_blocks_vs']['hexgen']}")
         write(args, rows, [], t0, complete=False)
-    write(args, rows, search_times(), t0, complete=True)
+    done = {(r["model"], r["workload"]) for r in rows}
+    write(args, rows, search_times(), t0,
+          complete=all((m, w) in done for m in MODELS for w in WORKLOADS))
     return 0
 
 
