@@ -9,6 +9,16 @@ from hetis.defaults import POLICIES
 from hetis.mesh.flags import nonneg_int, positive_int, positive_rate
 
 
+
+def _steady(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = -1.0
+    if not 0.0 <= v < 0.5:
+        raise argparse.ArgumentTypeError(f"must be a fraction in [0, 0.5) (got {text!r})")
+    return v
+
 def _gpu_count(s: str) -> tuple[str, int]:
     gpu, _, n = s.partition(":")
     try:
@@ -49,6 +59,10 @@ def add_plan_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--num-requests", type=positive_int, default=200, metavar="N",
                    help="simulated requests per rate in the comparison (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="workload and arrivals (default 0)")
+    p.add_argument("--steady", type=_steady, default=0.0, metavar="FRAC",
+                   help="hold the SLOs over the steady-state window only: leave out the first "
+                        "and last FRAC of the requests by arrival (warm-up, cool-down); "
+                        "default 0 (every request)")
     p.add_argument("--plot", metavar="FILE", default=None,
                    help="draw request rate vs P95 TTFT and TPOT per system to FILE (PNG)")
     p.add_argument("--search-only", action="store_true",
@@ -90,7 +104,7 @@ def cmd_plan(args) -> int:
         out = {**top, "deployment": flat}
         if systems is not None:
             out.update(slo_ttft_s=ttft, slo_tpot_s=tpot, num_requests=args.num_requests,
-                       seed=args.seed, systems=systems)
+                       seed=args.seed, steady=args.steady, systems=systems)
         print(json.dumps(out, indent=2))
         return 0
 
@@ -129,7 +143,8 @@ def _compare(args, cluster, shape, ttft: float, tpot: float) -> dict:
     with tqdm(total=4, desc="simulate systems", unit="system", disable=args.json,
               file=sys.stderr) as bar:
         systems = compare(cluster, shape, args.workload, args.requests, args.num_requests,
-                          args.seed, ttft, tpot, progress=lambda _: bar.update())
+                          args.seed, ttft, tpot, progress=lambda _: bar.update(),
+                          steady=args.steady)
     if args.plot:
         plot(systems, args.plot, f"{shape.name}, {args.workload}: {args.cluster}", ttft, tpot)
     return systems

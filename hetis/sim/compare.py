@@ -27,10 +27,11 @@ def default_slos(workload: str) -> tuple[float, float]:
 
 
 def _one(args) -> dict:
-    name, system, shape, cluster, workload, n, seed, ttft, tpot, rel_tol = args
+    name, system, shape, cluster, workload, n, seed, ttft, tpot, rel_tol, steady = args
     trace = []
     rate, s = system_max_rate(system, shape, cluster, workload, n, seed, ttft, tpot,
-                              rel_tol=rel_tol, progress=lambda r, s: trace.append((r, s)))
+                              rel_tol=rel_tol, progress=lambda r, s: trace.append((r, s)),
+                              steady=steady)
     at = s or {}
     return {"max_rate": rate, "ttft_p95": at.get("ttft_p95_s"), "tpot_p95": at.get("tpot_p95_s"),
             "output_tok_s": at.get("output_tok_s"), "kv_blocks": system.kv_blocks(shape),
@@ -41,13 +42,19 @@ def _one(args) -> dict:
 
 def compare(cluster: Cluster, shape: ModelShape, workload: str, expected_requests: int | None,
             num_requests: int, seed: int, slo_ttft: float, slo_tpot: float,
-            rel_tol: float = 0.02, workers: int | None = None, progress=None) -> dict:
+            rel_tol: float = 0.02, workers: int | None = None, progress=None,
+            steady: float = 0.0, systems: tuple[str, ...] | None = None) -> dict:
     """{system: its max rate under the SLOs and the figures there, or ``{"error": why}``}.
-    ``progress(name)`` is called as each system finishes."""
+    ``progress(name)`` is called as each system finishes. ``steady``: the SLOs hold over
+    the steady-state window (:meth:`hetis.sim.simulator.SimResult.summary`);
+    ``systems``: only these (default all)."""
     found = systems_for(cluster, shape, workload, expected_requests)
     out: dict[str, dict] = {k: {"error": v} for k, v in found.items() if isinstance(v, str)}
-    jobs = [(k, v, shape, cluster, workload, num_requests, seed, slo_ttft, slo_tpot, rel_tol)
-            for k, v in found.items() if isinstance(v, System)]
+    if systems is not None:
+        found = {k: v for k, v in found.items() if k in systems}
+        out = {k: v for k, v in out.items() if k in systems}
+    jobs = [(k, v, shape, cluster, workload, num_requests, seed, slo_ttft, slo_tpot, rel_tol,
+             steady) for k, v in found.items() if isinstance(v, System)]
     workers = workers or min(len(jobs), os.cpu_count() or 1)
     if workers <= 1:
         results = map(_one, jobs)

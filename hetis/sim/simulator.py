@@ -196,20 +196,33 @@ class SimResult:
     unfinished: int = 0
     extra: dict = field(default_factory=dict)
 
-    def summary(self) -> dict:
-        done = [r for r in self.requests if r.finish_s is not None]
+    def summary(self, steady: float = 0.0) -> dict:
+        """The run's figures. ``steady`` (0 to < 0.5): TTFT and TPOT percentiles over the
+        steady-state window only: the first and last ``steady`` of the requests by arrival
+        are left out (the warm-up, while the batch fills, and the cool-down, while it
+        drains); completion, throughput and ``unfinished`` still count every request."""
+        if not 0.0 <= steady < 0.5:
+            raise ValueError(f"steady: must be in [0, 0.5) (got {steady!r})")
+        every = [r for r in self.requests if r.finish_s is not None]
+        done = every
+        if steady:
+            order = sorted(self.requests, key=lambda r: (r.arrival_s, r.request_id))
+            cut = int(steady * len(order))
+            keep = {r.request_id for r in order[cut:len(order) - cut]}
+            done = [r for r in every if r.request_id in keep]
         ttft = np.array([r.ttft for r in done]) if done else np.zeros(1)
         tpot = np.array([r.tpot for r in done if r.output_len > 1]) if done else np.zeros(1)
-        out_tokens = sum(r.output_len for r in done)
+        out_tokens = sum(r.output_len for r in every)
 
         def pct(a, q):
             return float(np.percentile(a, q)) if len(a) else float("nan")
         return {
             "deployment": self.deployment, "policy": self.policy,
-            "requests": len(self.requests), "completed": len(done), "unfinished": self.unfinished,
+            "requests": len(self.requests), "completed": len(every), "unfinished": self.unfinished,
             "duration_s": self.duration_s, "steps": self.steps,
             "output_tok_s": out_tokens / self.duration_s if self.duration_s else 0.0,
-            "request_rate_done": len(done) / self.duration_s if self.duration_s else 0.0,
+            "request_rate_done": len(every) / self.duration_s if self.duration_s else 0.0,
+            "steady": steady, "measured_requests": len(done),
             "ttft_p50_s": pct(ttft, 50), "ttft_p95_s": pct(ttft, 95), "ttft_p99_s": pct(ttft, 99),
             "tpot_p50_s": pct(tpot, 50), "tpot_p95_s": pct(tpot, 95), "tpot_p99_s": pct(tpot, 99),
             "kv_blocks": self.kv_blocks, "kv_blocks_per_device": self.kv_blocks_per_device,

@@ -357,14 +357,16 @@ def _ends(inst: Instance):
 
 def system_max_rate(system: System, shape: ModelShape, cluster: Cluster, workload: str,
                     num_requests: int, seed: int, slo_ttft: float, slo_tpot: float,
-                    max_model_len: int = 4096, rel_tol: float = 0.02, progress=None):
-    """(max rate, summary there) of ``system`` under the SLOs (:func:`search_rate`)."""
+                    max_model_len: int = 4096, rel_tol: float = 0.02, progress=None,
+                    steady: float = 0.0):
+    """(max rate, summary there) of ``system`` under the SLOs (:func:`search_rate`);
+    ``steady``: the SLOs over the steady-state window (:meth:`SimResult.summary`)."""
     from hetis.sim.simulator import meets, search_rate
     from hetis.sim.workloads import make_requests
 
     def run(rate):
         reqs = make_requests(workload, rate, num_requests, seed, max_model_len=max_model_len)
-        s = simulate_system(system, shape, cluster, reqs, max_model_len=max_model_len).summary()
+        s = simulate_system(system, shape, cluster, reqs, max_model_len=max_model_len).summary(steady)
         if progress:
             progress(rate, s)
         return meets(s, slo_ttft, slo_tpot), s
