@@ -131,9 +131,11 @@ def draw(result: dict, path) -> None:
         ax.bar(xs, vals, width, label=name)
         for x, r in zip(xs, rows, strict=True):
             if "error" in r["systems"].get(name, {}):
-                ax.text(x, 0.05, "cannot\ndeploy", ha="center", va="bottom", fontsize=6, rotation=90)
+                ax.text(x, 0.12, "cannot\ndeploy", ha="center", va="bottom", fontsize=6, rotation=90)
     ax.set_xticks(range(len(rows)), [f"{r['model']}\n{r['workload']}" for r in rows], fontsize=7)
-    ax.set_ylabel("max request rate under SLOs (req/s)")
+    ax.set_ylabel("max request rate under SLOs (req/s, log)")
+    ax.set_yscale("log")  # 0.5 to 272 req/s across the models
+    ax.set_ylim(bottom=0.1)
     ax.set_title("testbed: 4x A100-80G, 2x2 RTX 3090, 4x P100 (simulated)")
     ax.legend()
     s = result["search"] or [{"gpus": 0, "search_s": float("nan")}]
