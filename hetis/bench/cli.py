@@ -160,6 +160,12 @@ def cmd_bench(args) -> int:
     except OpenAIRequestError as e:  # the server refused or did not answer: exit 1, like gRPC's
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
+    except RuntimeError as e:
+        from hetis.bench.llamacpp_baseline import LlamaCppFailed
+        if not isinstance(e, LlamaCppFailed):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except ParamError as e:  # a bad flag value, named by the flag's field
         raise UsageError(f"--{e.param.replace('_', '-')}: {e.reason}") from None
     except ValueError as e:

@@ -42,6 +42,10 @@ class LlamaCppMissing(RuntimeError):
     """No usable llama.cpp venv: ``hetis bench --baseline llama.cpp`` exits 2."""
 
 
+class LlamaCppFailed(RuntimeError):
+    """The driver failed (its log's tail in the message): ``hetis bench`` exits 1."""
+
+
 def venv_python() -> pathlib.Path:
     """The llama.cpp venv's python: ``$HETIS_LLAMACPP_PYTHON``, else the checkout's
     ``.venv-llamacpp/bin/python``, else ``./.venv-llamacpp/bin/python``."""
@@ -84,14 +88,19 @@ def gguf_path(model: str | None) -> str:
 
 def run_llamacpp_baseline(requests, model: str | None, threads: int, n_slots: int,
                           offsets=None, warmup: bool = True, log=print, n_batch: int = 2048,
-                          n_ubatch: int = 512) -> dict:
+                          n_ubatch: int = 512, use_extra_bufts: bool = False) -> dict:
     """Run ``requests`` (``BenchRequest``s, sent at ``offsets`` s) through llama.cpp with
-    ``n_slots`` sequences at most at once; metrics like Hetis's, and the driver's settings."""
+    ``n_slots`` sequences at most at once; metrics like Hetis's, and the driver's settings.
+
+    ``use_extra_bufts`` False is llama.cpp's ``--no-repack``: no AMX buffer type, whose
+    matmul segfaults on this project's AMX Xeon for Q4_1 batches of two or more tokens
+    (llama-cpp-python 0.3.36; llama.cpp has open reports of it); its AVX-512 kernels run."""
     py, version = check_venv()
     path = gguf_path(model)
     offsets = np.zeros(len(requests)) if offsets is None else offsets
     spec = {"model": path, "threads": threads, "n_slots": n_slots, "n_batch": n_batch,
-            "n_ubatch": n_ubatch, "kv_unified": False, "warmup": warmup,
+            "n_ubatch": n_ubatch, "kv_unified": False, "use_extra_bufts": use_extra_bufts,
+            "warmup": warmup,
             "requests": [{"prompt": list(map(int, r.prompt_token_ids)),
                           "max_tokens": int(r.output_len), "arrival_s": float(o)}
                          for r, o in zip(requests, offsets)]}
@@ -106,7 +115,7 @@ def run_llamacpp_baseline(requests, model: str | None, threads: int, n_slots: in
         wall = time.perf_counter() - t
         if rc != 0 or not os.path.exists(out_f):
             tail = "\n".join(pathlib.Path(err_f).read_text(errors="replace").splitlines()[-15:])
-            raise RuntimeError(f"the llama.cpp driver failed (exit {rc}):\n{tail}")
+            raise LlamaCppFailed(f"the llama.cpp driver failed (exit {rc}); its log ends:\n{tail}")
         with open(out_f) as f:
             out = json.load(f)
     results, rows = [], out.pop("results")
@@ -242,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
                 "hetis": {**{k: r[k] for k in _KEEP}, "decode_tok_s": decode_rate(r)},
                 "llamacpp": {**{k: b[k] for k in _KEEP}, "decode_tok_s": decode_rate(b),
                              **{k: b[k] for k in ("llama_cpp_python", "n_slots", "n_ctx",
-                                                   "n_batch", "n_ubatch", "kv_unified",
+                                                   "n_batch", "n_ubatch", "kv_unified", "use_extra_bufts",
                                                    "flash_attn_type", "steps", "llama_perf",
                                                    "system_info")}},
                 "output_tok_s_ratio": r["speedup_vs_baseline"],

@@ -19,7 +19,7 @@ argmax of each sequence's logits. The prompt token ids are the workload's own, n
 re-tokenised text.
 
 SPEC.json: ``{"model": PATH, "threads": T, "n_slots": N, "n_batch": B, "n_ubatch": U,
-"kv_unified": false, "warmup": true, "requests": [{"prompt": [ids], "max_tokens": M,
+"kv_unified": false, "use_extra_bufts": false, "warmup": true, "requests": [{"prompt": [ids], "max_tokens": M,
 "arrival_s": S}, ...]}``. RESULT.json: per request ``send_s`` (from the start),
 ``ttft_s``, ``latency_s`` (send to last token), ``itl_s``, ``output_tokens`` and
 ``tokens``; the run's ``duration_s`` (start to the last request's last token), the
@@ -66,6 +66,9 @@ def run(spec: dict) -> dict:
     t = time.perf_counter()
     mparams = L.llama_model_default_params()
     mparams.n_gpu_layers = 0
+    # llama.cpp's --no-repack: its extra buffer types (AMX, CPU repacking) off unless asked
+    # for; on AVX-512 AMX Xeons its AMX matmul segfaults on Q4_1 batches of 2+ tokens
+    mparams.use_extra_bufts = bool(spec.get("use_extra_bufts", False))
     model = L.llama_model_load_from_file(spec["model"].encode(), mparams)
     if not model:
         raise RuntimeError(f"llama.cpp could not load {spec['model']}")
@@ -168,7 +171,7 @@ def run(spec: dict) -> dict:
            "system_info": L.llama_print_system_info().decode(errors="replace").strip(),
            "threads": threads, "n_slots": n_slots, "n_ctx": L.llama_n_ctx(ctx),
            "n_ctx_per_slot": per_slot, "n_batch": n_batch, "n_ubatch": n_ubatch,
-           "kv_unified": bool(cparams.kv_unified), "flash_attn_type": int(cparams.flash_attn_type),
+           "kv_unified": bool(cparams.kv_unified), "use_extra_bufts": bool(mparams.use_extra_bufts), "flash_attn_type": int(cparams.flash_attn_type),
            "load_s": load_s, "duration_s": duration, "steps": steps,
            "mean_step_tokens": step_tokens / max(steps, 1),
            "llama_perf": {"t_p_eval_ms": perf.t_p_eval_ms, "t_eval_ms": perf.t_eval_ms,
