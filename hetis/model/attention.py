@@ -9,10 +9,13 @@ packed order. The layout is turned into index tensors once per step
 (``begin_step``), never per layer.
 
 Decode items (one new token) are batched: with GQA the q-heads of a group are
-just ``q_per_group`` query rows against one KV head, so a whole decode batch is
-one scaled-dot-product call over keys gathered from the block tables and
-masked by context length. Prefill chunks go one sequence at a time (all of its
-groups here in one call): they are long enough to amortise the call.
+just ``q_per_group`` query rows against one KV head. On the CPU a whole decode
+batch is one call of the paged decode kernel (hetis/model/paged_kernel.py),
+which reads the keys and values in place through the block tables. Elsewhere
+(or without a compiler) it is one scaled-dot-product call per bucket of
+similar context lengths, over keys gathered from the block tables and masked
+by context length. Prefill chunks go one sequence at a time (all of its groups
+here in one call): they are long enough to amortise the gather and the call.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import torch.nn.functional as F
 
 from hetis.engine.block_manager import cdiv
 from hetis.engine.step import AttnItem
+from hetis.model import paged_kernel
 from hetis.model.kv_store import KVStore
 
 
@@ -37,11 +41,13 @@ class _Prefill:
 
 @dataclass
 class _Decode:
-    """A bucket of decode items of similar context length, padded to its longest."""
+    """Decode items: all of them for the paged kernel (``ctx`` set), else a bucket of
+    items of similar context length, padded to its longest (``mask`` set)."""
     rows: torch.Tensor | None   # packed rows (None: all rows, in order)
     tables: torch.Tensor        # [Nd, B]
-    mask: torch.Tensor          # [Nd, 1, 1, B * block_size] True where attended
+    mask: torch.Tensor | None   # [Nd, 1, 1, B * block_size] True where attended
     buf: tuple | None = None    # preallocated gather outputs, reused by every layer
+    ctx: torch.Tensor | None = None  # [Nd] tokens attended (paged kernel)
 
 
 @dataclass
@@ -55,7 +61,10 @@ class StepLayout:
     MAX_BUCKETS = 4  # decode items sorted by context and split so padding stays small
 
     @classmethod
-    def build(cls, items: list[AttnItem], block_size: int, device="cpu") -> "StepLayout":
+    def build(cls, items: list[AttnItem], block_size: int, device="cpu",
+              paged: bool = False) -> "StepLayout":
+        """``paged``: the decode items go to the paged kernel in one batch (no buckets,
+        no padding, no mask)."""
         if not items:
             return cls(0, torch.empty(0, dtype=torch.long))
         n_new = torch.tensor([it.num_new for it in items])
@@ -68,7 +77,10 @@ class StepLayout:
         slots = tables[item_of_row, pos // block_size] * block_size + pos % block_size
         lay = cls(int(n_new.sum()), slots.to(device))
         dec = (n_new == 1).nonzero().flatten()
-        if len(dec):
+        if len(dec) and paged:
+            lay.decodes.append(_Decode(None if len(dec) == len(items) else row_base[dec].to(device),
+                                       tables[dec].to(device), None, ctx=(starts[dec] + 1).to(device)))
+        elif len(dec):
             ctx = starts[dec] + 1
             nbuckets = min(cls.MAX_BUCKETS, cdiv(len(dec), 16))
             if nbuckets > 1:
@@ -106,18 +118,23 @@ class AttentionBackend:
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, head_dim: int,
                  q_per_group: int, dtype: torch.dtype, device: str = "cpu",
-                 store: KVStore | None = None):
+                 store: KVStore | None = None, paged: bool | None = None):
         # ``store``: share another backend's cache (an attention worker's channels do; the
-        # router's block accounting keeps them on disjoint blocks)
+        # router's block accounting keeps them on disjoint blocks). ``paged``: decode with
+        # the paged kernel (default: wherever it serves this cache; False: gather + SDPA)
         self.store = store or KVStore(num_layers, num_blocks, block_size, head_dim, dtype, device)
         self.block_size, self.qpg, self.head_dim = block_size, q_per_group, head_dim
         self.device = device
         self.layout = StepLayout(0, torch.empty(0, dtype=torch.long))
+        self.paged = paged_kernel.supports(self.store.k) if paged is None else paged
+        self.scale = head_dim ** -0.5
 
     def begin_step(self, items: list[AttnItem]) -> None:
-        self.layout = lay = StepLayout.build(items, self.block_size, self.device)
+        self.layout = lay = StepLayout.build(items, self.block_size, self.device, self.paged)
         k = self.store.k
         for d in lay.decodes:
+            if d.ctx is not None:
+                continue
             n, b = d.tables.shape
             shape = (n, b * self.block_size, self.head_dim)
             d.buf = (torch.empty(shape, dtype=k.dtype, device=k.device),
@@ -132,9 +149,13 @@ class AttentionBackend:
         out = torch.empty_like(q)
         for d in lay.decodes:
             qd = q if d.rows is None else q[d.rows]
-            kc, vc = st.gather(layer, d.tables, d.buf)
-            o = F.scaled_dot_product_attention(qd.unsqueeze(1), kc.unsqueeze(1), vc.unsqueeze(1),
-                                               attn_mask=d.mask).squeeze(1)
+            if d.ctx is not None:
+                o = paged_kernel.paged_decode(st.k_flat[layer], st.v_flat[layer], qd, d.tables, d.ctx,
+                                              self.block_size, self.scale)
+            else:
+                kc, vc = st.gather(layer, d.tables, d.buf)
+                o = F.scaled_dot_product_attention(qd.unsqueeze(1), kc.unsqueeze(1), vc.unsqueeze(1),
+                                                   attn_mask=d.mask).squeeze(1)
             if d.rows is None:
                 out = o
             else:

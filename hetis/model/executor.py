@@ -38,7 +38,9 @@ class RemoteFailed(RuntimeError):
 class _Index:
     rows: torch.Tensor   # token row of each packed row
     grp: torch.Tensor    # head group of each packed row
-    all_rows: bool = field(default=False)
+    # the packed rows are every (token, group) in the step's own order (one backend
+    # with all of a decode step): q/k/v and the output pass as views, not index copies
+    whole: bool = field(default=False)
 
 
 class Executor:
@@ -57,7 +59,7 @@ class Executor:
         self.device = model.device
         self.last_times = StepTimes()
 
-    def _index(self, items: list[AttnItem], offsets: dict[int, int]) -> _Index:
+    def _index(self, items: list[AttnItem], offsets: dict[int, int], total: int) -> _Index:
         # built on the CPU from Python lists (cheap integer work), moved once per step
         n = torch.tensor([it.num_new for it in items])
         first = torch.tensor([offsets[it.seq_id] for it in items])
@@ -65,7 +67,10 @@ class Executor:
         item_of_row = torch.repeat_interleave(torch.arange(len(items)), n)
         rows = first[item_of_row] + torch.arange(int(n.sum())) - base[item_of_row]
         grp = torch.tensor([it.group - self.groups.start for it in items])[item_of_row]
-        return _Index(rows.to(self.device), grp.to(self.device))
+        whole = len(rows) == total * self.G and torch.equal(
+            rows, torch.arange(total).repeat_interleave(self.G)) and torch.equal(
+            grp, torch.arange(self.G).repeat(total))
+        return _Index(rows.to(self.device), grp.to(self.device), whole)
 
     def execute(self, step: Step) -> list[int]:
         """Run the step; return one sampled token per chunk with ``sample``, in order."""
@@ -145,7 +150,7 @@ class Executor:
                 remote(b, be.begin_step, its, freed)   # the layout goes once per step, even when empty
             elif its:
                 be.begin_step(its)
-            index.append(self._index(its, offsets) if its else None)
+            index.append(self._index(its, offsets, t) if its else None)
         order = sorted(range(len(items)), key=lambda b: not getattr(self.backends[b], "remote", False))
         G, qpg, D = self.G, self.qpg, self.D
 
@@ -159,6 +164,11 @@ class Executor:
                 if ix is None:
                     continue
                 be = self.backends[b]
+                if ix.whole and not getattr(be, "remote", False):
+                    ta = time.perf_counter()
+                    o = be.attend(layer, q4.view(T * G, qpg, D), k.reshape(T * G, D), v.reshape(T * G, D))
+                    times.local_attn += time.perf_counter() - ta
+                    return o.view(T, G * qpg, D).to(q.dtype)
                 if getattr(be, "remote", False):
                     remote(b, be.send, layer, q4[ix.rows, ix.grp], k[ix.rows, ix.grp], v[ix.rows, ix.grp])
                     pending.append(b)

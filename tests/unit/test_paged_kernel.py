@@ -1,0 +1,102 @@
+"""The paged decode kernel (hetis/model/paged_kernel.py) against gather + SDPA.
+
+Both paths of AttentionBackend run the same random steps (decode items of many
+context lengths over shuffled blocks, mixed with prefill chunks and with items
+of other backends' rows left out) on copies of one cache; their outputs must
+agree to the dtype's rounding, and the cache they leave must be identical.
+"""
+from __future__ import annotations
+
+import random
+import shutil
+
+import pytest
+import torch
+
+from hetis.engine.step import AttnItem
+from hetis.model import paged_kernel
+from hetis.model.attention import AttentionBackend
+
+needs_compiler = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                                    reason="no C++ compiler: the engine runs gather + SDPA")
+
+
+def _step(rng: random.Random, num_blocks: int, bs: int, prefill: bool):
+    """Random items: decodes of contexts 1..300 and, with ``prefill``, two prefill chunks
+    (one from scratch, one over a cached history), on disjoint shuffled blocks."""
+    free = list(range(num_blocks))
+    rng.shuffle(free)
+    items, seq = [], 0
+
+    def take(ctx):
+        return [free.pop() for _ in range(-(-ctx // bs))]
+    for _ in range(rng.randint(20, 40)):
+        ctx = rng.choice([1, 2, bs, bs + 1, rng.randint(1, 300)])
+        for g in range(rng.randint(1, 3)):
+            items.append(AttnItem(seq, g, ctx - 1, 1, take(ctx)))
+        seq += 1
+    if prefill:
+        for start, new in ((0, 37), (50, 21)):  # a sequence's items stay consecutive
+            at = rng.randrange(len(items) + 1)
+            items[at:at] = [AttnItem(seq, g, start, new, take(start + new)) for g in range(2)]
+            seq += 1
+    return items
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-6), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("prefill", [False, True])
+def test_kernel_matches_gather_and_sdpa(dtype, tol, prefill):
+    assert paged_kernel.library() is not None, "a compiler is here: the kernel must build"
+    rng = random.Random(1)
+    torch.manual_seed(0)
+    L, nb, bs, D, qpg = 2, 900, 16, 64, 3
+    fast = AttentionBackend(L, nb, bs, D, qpg, dtype)
+    slow = AttentionBackend(L, nb, bs, D, qpg, dtype, paged=False)
+    assert fast.paged and not slow.paged
+    fast.store.k.normal_(), fast.store.v.normal_()
+    slow.store.k.copy_(fast.store.k), slow.store.v.copy_(fast.store.v)
+    for _ in range(3):
+        items = _step(rng, nb, bs, prefill)
+        fast.begin_step(items)
+        slow.begin_step(items)
+        rows = sum(it.num_new for it in items)
+        for layer in range(L):
+            q = torch.randn(rows, qpg, D)
+            k, v = torch.randn(rows, D), torch.randn(rows, D)
+            a, b = fast.attend(layer, q, k, v), slow.attend(layer, q, k, v)
+            assert a.dtype == dtype and a.shape == (rows, qpg, D)
+            assert torch.allclose(a.float(), b.float(), atol=tol, rtol=tol), \
+                (a.float() - b.float()).abs().max()
+        assert torch.equal(fast.store.k, slow.store.k) and torch.equal(fast.store.v, slow.store.v)
+
+
+@needs_compiler
+def test_kernel_call_reads_only_each_items_context():
+    """Blocks past an item's context (and padding of its table row) hold NaNs: a kernel
+    that read them would return NaNs."""
+    bs, D, h = 4, 8, 2
+    k = torch.full((10 * bs, D), float("nan"))
+    v = torch.full((10 * bs, D), float("nan"))
+    k[3 * bs:3 * bs + 3] = torch.randn(3, D)
+    v[3 * bs:3 * bs + 3] = torch.randn(3, D)
+    k[7 * bs:8 * bs] = torch.randn(bs, D)
+    v[7 * bs:8 * bs] = torch.randn(bs, D)
+    q = torch.randn(2, h, D)
+    tables = torch.tensor([[3, 9], [7, 9]])  # 9: padding, never read
+    out = paged_kernel.paged_decode(k, v, q, tables, torch.tensor([3, 4]), bs, D ** -0.5)
+    assert not out.isnan().any()
+    ref = torch.softmax(q[0] @ k[3 * bs:3 * bs + 3].T * D ** -0.5, -1) @ v[3 * bs:3 * bs + 3]
+    assert torch.allclose(out[0], ref, atol=1e-6)
+
+
+def test_kernel_cache_key_names_the_cpu(monkeypatch, tmp_path):
+    """The build is keyed by the CPU's flags: a cache shared with another kind of machine
+    never hands this one code compiled for that one."""
+    if shutil.which("g++") is None:
+        pytest.skip("no C++ compiler")
+    monkeypatch.setenv("HETIS_KERNEL_CACHE", str(tmp_path))
+    a = paged_kernel.build()
+    monkeypatch.setattr(paged_kernel, "_cpu_flags", lambda: "sse2 another-cpu")
+    b = paged_kernel.build()
+    assert a != b and a.exists() and b.exists()
