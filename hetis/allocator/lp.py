@@ -71,7 +71,7 @@ class LP:
     added to and deleted from; each `solve` starts from the previous basis (dual simplex)."""
 
     def __init__(self, c: np.ndarray, a: sp.csr_matrix, b: np.ndarray, lower: np.ndarray | None = None):
-        self.h = highspy.Highs()
+        self.h = _highs()
         for k, v in (("output_flag", False), ("presolve", "off"), *HIGHS.items()):
             self.h.setOptionValue(k, v)
         n = len(c)
@@ -118,6 +118,22 @@ class LP:
 
     def row_values(self) -> np.ndarray:
         return np.asarray(self.h.getSolution().row_value)
+
+
+_BANNER_SHOWN = False
+
+
+def _highs() -> "highspy.Highs":
+    """A new HiGHS model. highspy >= 1.12 prints its banner to stdout when the first one
+    of a process is made (before output_flag can be set): that one is made with stdout
+    sent to stderr, so `hetis allocate --json` prints only JSON."""
+    global _BANNER_SHOWN
+    if _BANNER_SHOWN:
+        return highspy.Highs()
+    with stdout_to_stderr():
+        h = highspy.Highs()
+    _BANNER_SHOWN = True
+    return h
 
 
 # ---------------------------------------------------------------- EF rows at a fixed cap price

@@ -168,9 +168,14 @@ def equal_share_values(p: Problem) -> np.ndarray:
 
 def envy_values(p: Problem, x: np.ndarray) -> np.ndarray:
     """(n, n): V[i, k] = f_i(w_i / w_k * x_k), tenant i's value of k's bundle at i's weight."""
-    scaled = (p.weights[:, None, None] / p.weights[None, :, None]) * x[None, :, :]
-    s = np.broadcast_to(p.speedup[:, None, :], scaled.shape)
-    return capped_value(s, np.broadcast_to(p.caps[:, None], scaled.shape[:2]), scaled)
+    s = p.speedup
+    v = p.weights[:, None] * (s @ (x / p.weights[:, None]).T)       # no cap: f_i is linear, one product
+    rows = np.flatnonzero(np.isfinite(p.caps))                        # capped tenants: the best d_i GPUs
+    if len(rows):
+        scaled = (p.weights[rows, None, None] / p.weights[None, :, None]) * x[None, :, :]
+        v[rows] = capped_value(np.broadcast_to(s[rows, None, :], scaled.shape),
+                               np.broadcast_to(p.caps[rows, None], scaled.shape[:2]), scaled)
+    return v
 
 
 def si_slack(p: Problem, x: np.ndarray) -> np.ndarray:

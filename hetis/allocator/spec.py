@@ -179,9 +179,13 @@ def _line_of(lines: dict[tuple, int], fld: str) -> int | None:
 
 def load(text: str, source: str = "<input>") -> tuple[Problem, list[TenantSpec]]:
     """Parse a YAML allocation file; SpecError names the field and line."""
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+    try:   # parsed once (libyaml's C parser where present): the nodes give the lines, then the data
+        loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)(text)
+        try:
+            node = loader.get_single_node()
+            data = loader.construct_document(node) if node is not None else None
+        finally:
+            loader.dispose()
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         raise SpecError("yaml", str(getattr(e, "problem", e)), mark.line + 1 if mark else None, source) from None
