@@ -27,11 +27,58 @@ def test_received_share_converges_to_the_fractional_one(seed, mode):
             assert abs(res.received[t][g] - x[i, j]) <= 0.05 * max(x[i, j], 1.0), (t, g)
 
 
-@pytest.mark.xfail(strict=True, reason="open (issue 12, item 4): with the pool fully allocated, "
-                   "multi-GPU jobs fragment capacity and the greedy rounds miss the share (docs/allocator.md)")
-def test_multi_gpu_jobs_reach_their_share_within_5_percent_over_100_rounds():
+def mixed_rounds(rng, p, jobs, k=5):
+    """An x that some schedule reaches: a random mix of k feasible integer rounds, each
+    filling the whole pool (jobs placed whole on a type with room, elastic tenants'
+    GPUs in what is left)."""
+    cap = p.capacity.astype(int)
+    elastic = [i for i, t in enumerate(p.tenants) if t not in jobs]
+    configs = []
+    for _ in range(k):
+        free, g = cap.copy(), np.zeros((p.n, p.m))
+        for i in rng.permutation(p.n):
+            for _, size in jobs.get(p.tenants[i], []):
+                ok = np.flatnonzero(free >= size)
+                if len(ok) and rng.random() < 0.8:
+                    j = rng.choice(ok)
+                    free[j] -= size
+                    g[i, j] += size
+        for j in range(p.m):
+            for _ in range(free[j]):
+                g[rng.choice(elastic), j] += 1
+        configs.append(g)
+    return np.tensordot(rng.dirichlet(np.ones(k)), np.array(configs), axes=1)
+
+
+def worst_miss(p, x, res):
+    return max(abs(res.received[t][g] - x[i, j]) / max(x[i, j], 1.0)
+               for i, t in enumerate(p.tenants) for j, g in enumerate(p.gpu_types))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_multi_gpu_jobs_reach_their_share_within_5_percent_over_100_rounds(seed):
+    """Jobs of 1, 2, 4 and 8 GPUs in a full pool, x a mix of feasible rounds (so some
+    schedule reaches it exactly): every tenant's mean grant per type within 5 % after
+    100 rounds. The greedy of one-GPU rounds misses by 10-18 % here (the packed round,
+    rounds.pack, by 2-3 %)."""
+    rng = np.random.default_rng(seed)
+    p = gavel_problem(rng, 8, GPUS)
+    jobs = {t: [(f"j{k}", int(rng.choice([1, 2, 4, 8]))) for k in range(rng.integers(1, 5))]
+            for t in p.tenants[:6]}
+    x = mixed_rounds(rng, p, jobs)
+    assert np.allclose(x.sum(axis=0), p.capacity)            # the pool is full: no idle GPU to spare
+    _, res = run_rounds(p, x, jobs)
+    assert worst_miss(p, x, res) <= 0.05
+
+
+@pytest.mark.xfail(strict=True, reason="open (issue 12, item 4): the LP ignores job sizes, so its x can lie "
+                   "outside the mixes of feasible rounds and no schedule reaches it (seed 5: 12 %; docs/allocator.md)")
+def test_multi_gpu_jobs_reach_the_cooperative_share_within_5_percent_over_100_rounds():
+    """Seed 5 (of the six convergence instances): t1's jobs (7 GPUs, its whole cap) must
+    all run on p100 every round while t0's 8-GPU job needs 8 of the 12 p100 in 27 % of
+    the rounds: at best 6.18 of 7. Seeds 0-4 come within 5 % with the packed round."""
     worst = 0.0
-    for seed in range(6):
+    for seed in (5,):
         rng = np.random.default_rng(seed)
         p = gavel_problem(rng, 8, GPUS)
         jobs = {t: [(f"j{k}", int(rng.choice([1, 2, 4, 8]))) for k in range(rng.integers(1, 5))]
@@ -40,6 +87,5 @@ def test_multi_gpu_jobs_reach_their_share_within_5_percent_over_100_rounds():
                     np.array([float(sum(g for _, g in jobs[t])) if t in jobs else np.inf for t in p.tenants]))
         x = cooperative(p).x
         _, res = run_rounds(p, x, jobs)
-        worst = max(worst, max(abs(res.received[t][g] - x[i, j]) / max(x[i, j], 1.0)
-                               for i, t in enumerate(p.tenants) for j, g in enumerate(p.gpu_types)))
+        worst = max(worst, worst_miss(p, x, res))
     assert worst <= 0.05, worst
