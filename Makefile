@@ -19,17 +19,18 @@ $(STAMP): pyproject.toml Makefile
 	@$(MAKE) --no-print-directory kernels
 	@touch $(STAMP)
 
-# The CPU paged-decode kernel (hetis/model/paged_kernel.py), built ahead of the first
-# engine; g++ comes with apt-get when missing. Without one the engine falls back to
-# gather + SDPA (slower, same results), so neither step fails the install.
+# The CPU kernels (hetis/model/cpu_kernels.py: paged decode attention, fused small ops),
+# built ahead of the first engine; g++ comes with apt-get when missing. Without one the
+# engine falls back to PyTorch operations (slower, same results), so neither step fails
+# the install.
 .PHONY: kernels
 kernels:
 	@if ! command -v g++ >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
-		echo "installing g++ with apt-get (the paged decode kernel)"; \
+		echo "installing g++ with apt-get (the CPU kernels)"; \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++ >/dev/null) \
-		|| echo "apt-get could not install g++: the engine will use gather + SDPA"; \
+		|| echo "apt-get could not install g++: the engine will use PyTorch operations"; \
 	fi
-	@$(VPY) -m hetis.model.paged_kernel
+	@$(VPY) -m hetis.model.cpu_kernels
 
 # redis-server is needed by the mesh and allocator tests and by `hetis up`.
 .PHONY: redis-server

@@ -10,7 +10,7 @@ packed order. The layout is turned into index tensors once per step
 
 Decode items (one new token) are batched: with GQA the q-heads of a group are
 just ``q_per_group`` query rows against one KV head. On the CPU a whole decode
-batch is one call of the paged decode kernel (hetis/model/paged_kernel.py),
+batch is one call of the paged decode kernel (hetis/model/cpu_kernels.py),
 which reads the keys and values in place through the block tables. Elsewhere
 (or without a compiler) it is one scaled-dot-product call per bucket of
 similar context lengths, over keys gathered from the block tables and masked
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from hetis.engine.block_manager import cdiv
 from hetis.engine.step import AttnItem
-from hetis.model import paged_kernel
+from hetis.model import cpu_kernels
 from hetis.model.kv_store import KVStore
 
 
@@ -126,7 +126,7 @@ class AttentionBackend:
         self.block_size, self.qpg, self.head_dim = block_size, q_per_group, head_dim
         self.device = device
         self.layout = StepLayout(0, torch.empty(0, dtype=torch.long))
-        self.paged = paged_kernel.supports(self.store.k) if paged is None else paged
+        self.paged = cpu_kernels.supports(self.store.k) if paged is None else paged
         self.scale = head_dim ** -0.5
 
     def begin_step(self, items: list[AttnItem]) -> None:
@@ -144,13 +144,15 @@ class AttentionBackend:
         """q [P, qpg, D], k and v [P, D] -> attention output [P, qpg, D], in the cache's dtype."""
         lay, st = self.layout, self.store
         dt = st.k.dtype
-        q, k, v = q.to(dt), k.to(dt), v.to(dt)
+        if q.dtype != dt or k.dtype != dt or v.dtype != dt:
+            q, k, v = q.to(dt), k.to(dt), v.to(dt)
         st.write(layer, lay.slots, k, v)
-        out = torch.empty_like(q)
+        # one decode batch of every row (a pure decode step): its output is the output
+        out = None if len(lay.decodes) == 1 and lay.decodes[0].rows is None else torch.empty_like(q)
         for d in lay.decodes:
             qd = q if d.rows is None else q[d.rows]
             if d.ctx is not None:
-                o = paged_kernel.paged_decode(st.k_flat[layer], st.v_flat[layer], qd, d.tables, d.ctx,
+                o = cpu_kernels.paged_decode(st.k_flat[layer], st.v_flat[layer], qd, d.tables, d.ctx,
                                               self.block_size, self.scale)
             else:
                 kc, vc = st.gather(layer, d.tables, d.buf)

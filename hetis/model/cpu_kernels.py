@@ -1,24 +1,34 @@
-"""The CPU decode-attention kernel over the paged KV cache (hetis/model/csrc/paged_decode.cpp).
+"""The engine's CPU kernels (hetis/model/csrc/), compiled on first use, called through ctypes.
 
-Why a kernel of our own: PyTorch has no paged attention for the CPU, and the
-fallback (gather every item's blocks into a padded buffer, then masked
-``scaled_dot_product_attention``) reads and writes the whole context once more
-than it needs to, per layer: measured at batch 32 x 3 head groups, contexts of
-about 300, it was a third of the decode step. The kernel reads each cached key
-and value row once, in place through the block table, for all of a group's query
-rows, and stops at each item's own length (no padding, no mask).
+Two libraries:
 
-It is compiled on first use with the system C++ compiler (``g++ -O3 -march=native
+- ``paged_decode`` (paged_decode.cpp): decode attention straight over the paged
+  KV cache. PyTorch has no paged attention for the CPU, and the fallback
+  (gather every item's blocks into a padded buffer, then masked
+  ``scaled_dot_product_attention``) reads and writes the whole context once more
+  than it needs to, per layer: at batch 32 x 3 head groups, contexts of about
+  300, it was a third of the decode step. The kernel reads each cached key and
+  value row once, in place through the block table, for all of a group's query
+  rows, and stops at each item's own length (no padding, no mask).
+- ``fused_ops`` (fused_ops.cpp): the dense model's small per-layer operations
+  (RMSNorm, residual add + RMSNorm, RoPE with the q/k/v split, SiLU x up) in
+  four calls instead of about seventy PyTorch operations, which at one or a few
+  sequences cost as much as the layer's matrix multiplications. They round
+  where PyTorch's eager code rounds (hetis/model/dense.py's ``EagerOps`` is the
+  reference; tests/unit/test_cpu_kernels.py compares them).
+
+Each is compiled with the system C++ compiler (``g++ -O3 -march=native
 -fopenmp``, about a second) into ``$HETIS_KERNEL_CACHE`` (default
-``~/.cache/hetis/kernels``), keyed by the source, the flags, the compiler and this
+``~/.cache/hetis/kernels``), keyed by its source, the flags, the compiler and this
 CPU's flags, so a cache shared by machines of different kinds never loads code
-built for another CPU. ``make install`` builds it ahead. It is called through
-ctypes on the tensors' raw pointers, on torch's own OpenMP runtime and thread
-count.
+built for another CPU; a build goes to a private file renamed into place, so
+processes starting together never load a half-written one. ``make install``
+builds them ahead (``python -m hetis.model.cpu_kernels``). They run on torch's
+thread count.
 
-Without a compiler (or with ``HETIS_PAGED_KERNEL=0``) the backend keeps the
-gather + SDPA path and says so once in the log; results agree to float32
-rounding either way (tests/unit/test_paged_kernel.py).
+Without a compiler (or with ``HETIS_CPU_KERNELS=0``) the engine keeps PyTorch's
+operations (gather + SDPA, eager norms and RoPE) and says so once in the log;
+results agree to float32 rounding either way.
 """
 from __future__ import annotations
 
@@ -36,17 +46,38 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = pathlib.Path(__file__).parent / "csrc" / "paged_decode.cpp"
-FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
-ABI = 1
+CSRC = pathlib.Path(__file__).parent / "csrc"
+HEADERS = ("bf16.h",)
+BASE_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+# fast-math for libmvec's vector expf; fused_ops keeps products and sums apart where
+# PyTorch rounds between them (no FMA contraction, no reassociation)
+LIBS = {
+    "paged_decode": (BASE_FLAGS + ["-ffast-math"], 1),
+    "fused_ops": (BASE_FLAGS + ["-ffast-math", "-fno-associative-math", "-fno-reciprocal-math",
+                             "-ffp-contract=off"], 1),
+}
+_P, _I, _F, _C = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+SIGNATURES = {
+    "paged_decode": {"hetis_paged_decode": [_P] * 4 + [_I, _P, _P] + [_I] * 4 + [_F, _C]},
+    "fused_ops": {
+        "hetis_rms_norm": [_P, _I, _P, _P, _I, _I, _F, _C],
+        "hetis_add_rms_norm": [_P, _P, _I, _P, _P, _I, _I, _F, _C],
+        "hetis_rope_split": [_P, _I, _P, _P, _P, _P, _P, _I, _I, _I, _I, _C],
+        "hetis_silu_mul": [_P, _I, _P, _I, _I, _C],
+    },
+}
+SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
 _lock = threading.Lock()
-_lib: ctypes.CDLL | None = None
-_tried = False
+_libs: dict[str, ctypes.CDLL | None] = {}
 
 
 def cache_dir() -> pathlib.Path:
     return pathlib.Path(os.environ.get("HETIS_KERNEL_CACHE") or pathlib.Path.home() / ".cache/hetis/kernels")
+
+
+def enabled() -> bool:
+    return os.environ.get("HETIS_CPU_KERNELS", "1").lower() not in ("0", "false", "no", "off")
 
 
 def _cpu_flags() -> str:
@@ -63,68 +94,71 @@ def _compiler() -> str | None:
     return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
 
 
-def build(verbose: bool = False) -> pathlib.Path:
-    """Compile the kernel (or find it already built); its shared object's path.
+def build(name: str = "paged_decode", verbose: bool = False) -> pathlib.Path:
+    """Compile library ``name`` (or find it already built); its shared object's path.
 
     Raises RuntimeError naming the compiler's error when it cannot be built."""
+    flags, _ = LIBS[name]
     cxx = _compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler (g++) found: install one (Debian: apt-get install g++) "
                            "or set CXX")
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
-    src = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([src, " ".join(FLAGS).encode(), version.encode(),
-                                     _cpu_flags().encode()])).hexdigest()[:16]
-    out = cache_dir() / f"paged_decode-{key}.so"
+    source = CSRC / f"{name}.cpp"
+    parts = [source.read_bytes(), *((CSRC / h).read_bytes() for h in HEADERS),
+             " ".join(flags).encode(), version.encode(), _cpu_flags().encode()]
+    key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
+    out = cache_dir() / f"{name}-{key}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    # build to a private name, then rename: processes starting together (a mesh's
-    # workers) never load a half-written file
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
-    cmd = [cxx, *FLAGS, str(SOURCE), "-o", tmp]
+    cmd = [cxx, *flags, f"-I{CSRC}", str(source), "-o", tmp]
     if verbose:
         print(" ".join(cmd), flush=True)
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         os.unlink(tmp)
-        raise RuntimeError(f"building {SOURCE.name} failed ({' '.join(cmd)}):\n{r.stderr[-2000:]}")
+        raise RuntimeError(f"building {source.name} failed ({' '.join(cmd)}):\n{r.stderr[-2000:]}")
     os.replace(tmp, out)
     return out
 
 
-def library() -> ctypes.CDLL | None:
-    """The loaded kernel, or None where it is turned off or cannot be built (logged once)."""
-    global _lib, _tried
-    if _tried:
-        return _lib
+def library(name: str = "paged_decode") -> ctypes.CDLL | None:
+    """Library ``name`` loaded, or None where kernels are off or it cannot be built
+    (logged once)."""
+    if name in _libs:
+        return _libs[name]
     with _lock:
-        if _tried:
-            return _lib
-        if os.environ.get("HETIS_PAGED_KERNEL", "1") in ("0", "false", "no", "off"):
-            log.info("paged decode kernel off (HETIS_PAGED_KERNEL=0): gather + SDPA")
+        if name in _libs:
+            return _libs[name]
+        lib = None
+        if not enabled():
+            log.info("CPU kernel %s off (HETIS_CPU_KERNELS=0): PyTorch operations instead", name)
         else:
             try:
-                lib = ctypes.CDLL(str(build()))
-                if lib.hetis_paged_decode_abi() != ABI:
+                lib = ctypes.CDLL(str(build(name)))
+                if getattr(lib, f"hetis_{name}_abi")() != LIBS[name][1]:
                     raise RuntimeError("stale kernel build (ABI mismatch)")
-                for name in ("hetis_paged_decode_f32", "hetis_paged_decode_bf16"):
-                    fn = getattr(lib, name)
-                    fn.restype = None
-                    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p] \
-                        + [ctypes.c_int64] * 4 + [ctypes.c_float, ctypes.c_int]
-                _lib = lib
+                for fn_name, argtypes in SIGNATURES[name].items():
+                    for sfx in SUFFIX.values():
+                        fn = getattr(lib, f"{fn_name}_{sfx}")
+                        fn.restype, fn.argtypes = None, argtypes
             except (RuntimeError, OSError) as e:
-                log.warning("paged decode kernel unavailable, using gather + SDPA: %s", e)
-        _tried = True
-        return _lib
+                log.warning("CPU kernel %s unavailable, using PyTorch operations: %s", name, e)
+                lib = None
+        _libs[name] = lib
+        return lib
 
 
-def supports(cache: torch.Tensor) -> bool:
-    """Whether the kernel can serve a cache like this one (CPU, float32 or bfloat16)."""
-    return cache.device.type == "cpu" and cache.dtype in (torch.float32, torch.bfloat16) \
-        and library() is not None
+def supports(t: torch.Tensor, name: str = "paged_decode") -> bool:
+    """Whether library ``name`` serves tensors like ``t`` (CPU, float32 or bfloat16)."""
+    return t.device.type == "cpu" and t.dtype in SUFFIX and library(name) is not None
+
+
+def _fn(name: str, op: str, dtype: torch.dtype):
+    return getattr(library(name), f"{op}_{SUFFIX[dtype]}")
 
 
 def paged_decode(k_layer: torch.Tensor, v_layer: torch.Tensor, q: torch.Tensor, tables: torch.Tensor,
@@ -136,8 +170,6 @@ def paged_decode(k_layer: torch.Tensor, v_layer: torch.Tensor, q: torch.Tensor, 
     block ids (rows padded past each item's blocks: never read); ctx: int64 [N], the
     tokens each item attends to. Returns [N, H, D] in the cache's dtype.
     """
-    lib = library()
-    assert lib is not None, "paged decode kernel unavailable"
     n, h, d = q.shape
     dt = k_layer.dtype
     if q.dtype != dt or not q.is_contiguous():
@@ -148,20 +180,76 @@ def paged_decode(k_layer: torch.Tensor, v_layer: torch.Tensor, q: torch.Tensor, 
     ctx = ctx if ctx.dtype == torch.int64 and ctx.is_contiguous() else ctx.to(torch.int64).contiguous()
     if out is None:
         out = torch.empty((n, h, d), dtype=dt)
-    fn = lib.hetis_paged_decode_bf16 if dt == torch.bfloat16 else lib.hetis_paged_decode_f32
-    fn(k_layer.data_ptr(), v_layer.data_ptr(), q.data_ptr(), tables.data_ptr(), tables.stride(0) if n else 0,
-       ctx.data_ptr(), out.data_ptr(), n, h, d, block_size, float(scale), torch.get_num_threads())
+    _fn("paged_decode", "hetis_paged_decode", dt)(
+        k_layer.data_ptr(), v_layer.data_ptr(), q.data_ptr(), tables.data_ptr(),
+        tables.stride(0) if n else 0, ctx.data_ptr(), out.data_ptr(), n, h, d, block_size,
+        float(scale), torch.get_num_threads())
     return out
 
 
+class FusedOps:
+    """The dense model's small operations through fused_ops (the same interface as
+    hetis/model/dense.py's EagerOps). Inputs: CPU tensors of one dtype, rows contiguous
+    (a row stride is allowed where the signature takes one)."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+        self._rms = _fn("fused_ops", "hetis_rms_norm", dtype)
+        self._add_rms = _fn("fused_ops", "hetis_add_rms_norm", dtype)
+        self._rope = _fn("fused_ops", "hetis_rope_split", dtype)
+        self._silu = _fn("fused_ops", "hetis_silu_mul", dtype)
+
+    @staticmethod
+    def _rows(x: torch.Tensor) -> torch.Tensor:
+        return x if x.stride(-1) == 1 and (x.dim() == 1 or x.stride(0) >= x.shape[-1]) else x.contiguous()
+
+    def rms_norm(self, x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+        x = self._rows(x)
+        n, d = x.shape
+        out = torch.empty((n, d), dtype=x.dtype)
+        self._rms(x.data_ptr(), x.stride(0), w.data_ptr(), out.data_ptr(), n, d, eps,
+                  torch.get_num_threads())
+        return out
+
+    def add_rms_norm(self, h: torch.Tensor, a: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+        """h += a in place; returns rms_norm(h) * w."""
+        a = self._rows(a)
+        n, d = h.shape
+        out = torch.empty((n, d), dtype=h.dtype)
+        self._add_rms(h.data_ptr(), a.data_ptr(), a.stride(0), w.data_ptr(), out.data_ptr(), n, d, eps,
+                      torch.get_num_threads())
+        return out
+
+    def rope_split(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, hq: int, hkv: int,
+                   d: int):
+        """qkv [T, (hq + 2 hkv) d] -> q [T, hq, d], k, v [T, hkv, d], q and k rotated;
+        cos, sin: [T, 1, d] contiguous (Rope.tables)."""
+        qkv = self._rows(qkv)
+        n = qkv.shape[0]
+        q = torch.empty((n, hq, d), dtype=qkv.dtype)
+        k = torch.empty((n, hkv, d), dtype=qkv.dtype)
+        v = torch.empty((n, hkv, d), dtype=qkv.dtype)
+        self._rope(qkv.data_ptr(), qkv.stride(0), cos.data_ptr(), sin.data_ptr(), q.data_ptr(),
+                   k.data_ptr(), v.data_ptr(), n, hq, hkv, d, torch.get_num_threads())
+        return q, k, v
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """gate_up [T, 2m] -> silu(gate) * up [T, m]."""
+        gate_up = self._rows(gate_up)
+        n, m2 = gate_up.shape
+        out = torch.empty((n, m2 // 2), dtype=gate_up.dtype)
+        self._silu(gate_up.data_ptr(), gate_up.stride(0), out.data_ptr(), n, m2 // 2,
+                   torch.get_num_threads())
+        return out
+
+
 def main() -> int:
-    """``python -m hetis.model.paged_kernel``: build the kernel now (``make install`` does)."""
-    try:
-        path = build(verbose=True)
-    except RuntimeError as e:
-        print(f"paged decode kernel not built, the engine will use gather + SDPA: {e}")
-        return 0
-    print(f"paged decode kernel: {path}")
+    """``python -m hetis.model.cpu_kernels``: build the kernels now (``make install`` does)."""
+    for name in LIBS:
+        try:
+            print(f"CPU kernel {name}: {build(name, verbose=True)}")
+        except RuntimeError as e:
+            print(f"CPU kernel {name} not built, the engine will use PyTorch operations: {e}")
     return 0
 
 

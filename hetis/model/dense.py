@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from hetis.defaults import DTYPE_NAMES
+from hetis.model import cpu_kernels
 from hetis.model.config import ModelConfig
 from hetis.model.quant import Int4Weight, linear
 
@@ -56,6 +57,32 @@ class Rope:
         h = x.shape[-1] // 2
         rot = torch.cat([-x[..., h:], x[..., :h]], dim=-1)
         return x * cos + rot * sin
+
+
+class EagerOps:
+    """The dense model's small operations in PyTorch (any device): the reference that
+    hetis/model/cpu_kernels.py's FusedOps computes in fewer calls on the CPU."""
+
+    @staticmethod
+    def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+        return rms_norm(x, w, eps)
+
+    @staticmethod
+    def add_rms_norm(h: torch.Tensor, a: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+        """h += a in place; returns rms_norm(h) * w."""
+        h += a
+        return rms_norm(h, w, eps)
+
+    @staticmethod
+    def rope_split(qkv: torch.Tensor, cos, sin, hq: int, hkv: int, d: int):
+        q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
+        return (Rope.apply(q.view(-1, hq, d), cos, sin), Rope.apply(k.view(-1, hkv, d), cos, sin),
+                v.view(-1, hkv, d))
+
+    @staticmethod
+    def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
 
 
 def native_matmul(dtype: torch.dtype, device: str = "cpu") -> bool:
@@ -116,22 +143,18 @@ class DenseModel:
                 qkv=qkv, o=ready(take(p + "self_attn.o_proj.weight")), gate_up=gate_up,
                 down=ready(take(p + "mlp.down_proj.weight"))))
         self.rope = Rope(cfg.head_dim, cfg.rope_theta, cfg.max_position, cd, device)
+        # the small per-layer operations: fused CPU kernels where they build, else PyTorch's
+        self.ops = cpu_kernels.FusedOps(cd) if cpu_kernels.supports(self.norm, "fused_ops") \
+            and self.norm.dtype == cd else EagerOps()
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
 
-    def qkv(self, layer: int, h: torch.Tensor, cos, sin):
-        """Pre-attention half of a layer: q [T, H, D], k and v [T, KV, D] (q, k rotated)."""
-        c, L = self.cfg, self.layers[layer]
-        x = rms_norm(h, L["ln1"], c.rms_norm_eps)
-        q, k, v = linear(x, L["qkv"]).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = Rope.apply(q.view(-1, c.num_heads, c.head_dim), cos, sin)
-        k = Rope.apply(k.view(-1, c.num_kv_heads, c.head_dim), cos, sin)
-        return q, k, v.view(-1, c.num_kv_heads, c.head_dim)
-
-    def post_attention(self, layer: int, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-        """O projection, residual, MLP, residual."""
-        h = h + self.o_proj(layer, attn.reshape(h.shape[0], -1))
-        return h + self.mlp(layer, rms_norm(h, self.layers[layer]["ln2"], self.cfg.rms_norm_eps))
+    def qkv(self, layer: int, x: torch.Tensor, cos, sin):
+        """Pre-attention half of a layer on the normed hidden state ``x``: q [T, H, D],
+        k and v [T, KV, D] (q and k rotated)."""
+        c = self.cfg
+        return self.ops.rope_split(linear(x, self.layers[layer]["qkv"]), cos, sin, c.num_heads,
+                                   c.num_kv_heads, c.head_dim)
 
     # The two projections whose outputs tensor parallelism sums across ranks
     # (hetis/model/tp.py wraps them; the model does not know).
@@ -140,8 +163,7 @@ class DenseModel:
 
     def mlp(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         L = self.layers[layer]
-        gate, up = linear(x, L["gate_up"]).chunk(2, dim=-1)
-        return linear(F.silu(gate) * up, L["down"])
+        return linear(self.ops.silu_mul(linear(x, L["gate_up"])), L["down"])
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return F.linear(rms_norm(h, self.norm, self.cfg.rms_norm_eps), self.lm_head).float()
@@ -150,9 +172,17 @@ class DenseModel:
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, logit_rows: torch.Tensor,
                 attend: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]):
         """Run every layer; return float32 logits of the rows in ``logit_rows``."""
-        h = self.embed[input_ids]
+        ops, eps, layers = self.ops, self.cfg.rms_norm_eps, self.layers
+        h = self.embed[input_ids]   # a fresh tensor: the residual stream, updated in place
         cos, sin = self.rope.tables(positions)
-        for i in range(self.cfg.num_layers):
-            q, k, v = self.qkv(i, h, cos, sin)
-            h = self.post_attention(i, h, attend(i, q, k, v))
+        x = ops.rms_norm(h, layers[0]["ln1"], eps)
+        for i, L in enumerate(layers):
+            q, k, v = self.qkv(i, x, cos, sin)
+            a = attend(i, q, k, v)
+            x = ops.add_rms_norm(h, self.o_proj(i, a.reshape(h.shape[0], -1)), L["ln2"], eps)
+            m = self.mlp(i, x)
+            if i + 1 < len(layers):   # the residual add and the next layer's norm together
+                x = ops.add_rms_norm(h, m, layers[i + 1]["ln1"], eps)
+            else:
+                h += m
         return self.logits(h[logit_rows])

@@ -168,7 +168,8 @@ class Executor:
                     ta = time.perf_counter()
                     o = be.attend(layer, q4.view(T * G, qpg, D), k.reshape(T * G, D), v.reshape(T * G, D))
                     times.local_attn += time.perf_counter() - ta
-                    return o.view(T, G * qpg, D).to(q.dtype)
+                    o = o.view(T, G * qpg, D)
+                    return o if o.dtype == q.dtype else o.to(q.dtype)
                 if getattr(be, "remote", False):
                     remote(b, be.send, layer, q4[ix.rows, ix.grp], k[ix.rows, ix.grp], v[ix.rows, ix.grp])
                     pending.append(b)

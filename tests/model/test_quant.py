@@ -35,19 +35,29 @@ def test_one_row_logits_within_bf16_rounding_of_the_dequantised_weights(bf16, pr
     assert worst < 0.05, worst
 
 
-def test_one_stream_greedy_tokens_mostly_agree_with_the_dequantised_model(bf16, prompts):
-    """Decode of one stream runs on the int4 kernel; bf16 rounding differs from the dense
-    GEMM's, so a near tie may flip a token: most must agree, and the first ones all."""
+def test_one_stream_greedy_tokens_agree_with_the_dequantised_model_up_to_near_ties(bf16, prompts):
+    """Decode of one stream runs on the int4 kernel; its bf16 rounding differs from the
+    dense GEMM's, so where the dense model's two best logits are (nearly) tied the
+    greedy token may flip (the long prompt's second token is an exact bf16 tie). Every
+    divergence must be such a flip, to the dense model's runner-up, and most tokens agree."""
     dense, int4 = bf16
+    model = dense.engine.executor.model
     sp = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     same = total = 0
     for p in prompts[:4]:
         a = int4.generate({"prompt_token_ids": p}, sp)[0].token_ids
         b = dense.generate({"prompt_token_ids": p}, sp)[0].token_ids
-        assert a[:4] == b[:4]
+        assert a[0] == b[0]   # from the prefill, whose GEMMs are the same
         n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(b))
+        if n < len(b):
+            ids = p + b[:n]
+            logits = model.forward(torch.tensor(ids), torch.arange(len(ids)), torch.tensor([len(ids) - 1]),
+                                   _attend)[0]
+            top = logits.topk(2)
+            assert a[n] in top.indices.tolist(), (n, a[n], top)
+            assert float(top.values[0] - top.values[1]) <= 0.02 * float(top.values[0].abs()), (n, top)
         same, total = same + n, total + len(b)
-    assert same / total >= 0.75, (same, total)
+    assert same / total >= 0.5, (same, total)
 
 
 def test_gguf_weights_need_a_gguf_file_and_no_tensor_parallelism(bf16, tmp_path):

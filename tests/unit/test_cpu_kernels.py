@@ -1,4 +1,4 @@
-"""The paged decode kernel (hetis/model/paged_kernel.py) against gather + SDPA.
+"""The paged decode kernel (hetis/model/cpu_kernels.py) against gather + SDPA.
 
 Both paths of AttentionBackend run the same random steps (decode items of many
 context lengths over shuffled blocks, mixed with prefill chunks and with items
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from hetis.engine.step import AttnItem
-from hetis.model import paged_kernel
+from hetis.model import cpu_kernels
 from hetis.model.attention import AttentionBackend
 
 needs_compiler = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
@@ -47,7 +47,7 @@ def _step(rng: random.Random, num_blocks: int, bs: int, prefill: bool):
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-6), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("prefill", [False, True])
 def test_kernel_matches_gather_and_sdpa(dtype, tol, prefill):
-    assert paged_kernel.library() is not None, "a compiler is here: the kernel must build"
+    assert cpu_kernels.library() is not None, "a compiler is here: the kernel must build"
     rng = random.Random(1)
     torch.manual_seed(0)
     L, nb, bs, D, qpg = 2, 900, 16, 64, 3
@@ -84,7 +84,7 @@ def test_kernel_call_reads_only_each_items_context():
     v[7 * bs:8 * bs] = torch.randn(bs, D)
     q = torch.randn(2, h, D)
     tables = torch.tensor([[3, 9], [7, 9]])  # 9: padding, never read
-    out = paged_kernel.paged_decode(k, v, q, tables, torch.tensor([3, 4]), bs, D ** -0.5)
+    out = cpu_kernels.paged_decode(k, v, q, tables, torch.tensor([3, 4]), bs, D ** -0.5)
     assert not out.isnan().any()
     ref = torch.softmax(q[0] @ k[3 * bs:3 * bs + 3].T * D ** -0.5, -1) @ v[3 * bs:3 * bs + 3]
     assert torch.allclose(out[0], ref, atol=1e-6)
@@ -96,7 +96,59 @@ def test_kernel_cache_key_names_the_cpu(monkeypatch, tmp_path):
     if shutil.which("g++") is None:
         pytest.skip("no C++ compiler")
     monkeypatch.setenv("HETIS_KERNEL_CACHE", str(tmp_path))
-    a = paged_kernel.build()
-    monkeypatch.setattr(paged_kernel, "_cpu_flags", lambda: "sse2 another-cpu")
-    b = paged_kernel.build()
+    a = cpu_kernels.build()
+    monkeypatch.setattr(cpu_kernels, "_cpu_flags", lambda: "sse2 another-cpu")
+    b = cpu_kernels.build()
     assert a != b and a.exists() and b.exists()
+
+
+@needs_compiler
+@pytest.mark.parametrize("D", [32, 64, 128])  # 64 and 128 are compiled for their size
+def test_kernel_head_dims(D):
+    torch.manual_seed(D)
+    bs, h, n = 8, 4, 5
+    k, v = torch.randn(12 * bs, D), torch.randn(12 * bs, D)
+    tables = torch.randperm(12)[:10].view(n, 2).contiguous()
+    ctx = torch.tensor([1, 5, 8, 9, 16])
+    q = torch.randn(n, h, D)
+    out = cpu_kernels.paged_decode(k, v, q, tables, ctx, bs, D ** -0.5)
+    for i in range(n):
+        slots = torch.cat([torch.arange(b * bs, (b + 1) * bs) for b in tables[i].tolist()])[:ctx[i]]
+        ref = torch.softmax(q[i] @ k[slots].T * D ** -0.5, -1) @ v[slots]
+        assert torch.allclose(out[i], ref, atol=2e-6), (i, (out[i] - ref).abs().max())
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T", [1, 5, 130])  # 130 rows: the kernels' threaded branch
+def test_fused_ops_round_as_pytorch_does(dtype, T):
+    """FusedOps against EagerOps (the model's PyTorch operations): RoPE with the q/k/v
+    split and the residual add bit for bit; RMSNorm and SiLU x up to float32 rounding
+    (another summation order, another expf), which bfloat16 results almost never see."""
+    from hetis.model.dense import EagerOps, Rope
+    assert cpu_kernels.supports(torch.empty(1, dtype=dtype), "fused_ops")
+    fused, eager = cpu_kernels.FusedOps(dtype), EagerOps()
+    torch.manual_seed(T)
+    H, KV, D, hidden, inter = 9, 3, 64, 576, 1536
+    tol = 2e-6 if dtype == torch.float32 else 0.0
+
+    def close(a, b, rel):
+        a, b = a.float(), b.float()
+        return bool(((a - b).abs() <= rel * b.abs() + 1e-6).all())
+    wide = torch.randn(T, hidden + 7, dtype=dtype) * 3   # rows with a stride, as slices come
+    x, w = wide[:, :hidden], torch.randn(hidden, dtype=dtype)
+    assert close(fused.rms_norm(x, w, 1e-5), eager.rms_norm(x, w, 1e-5), tol + 8e-3 * (tol == 0))
+    h1, h2, a = x.clone(), x.clone(), torch.randn(T, hidden, dtype=dtype)
+    n1, n2 = fused.add_rms_norm(h1, a, w, 1e-5), eager.add_rms_norm(h2, a, w, 1e-5)
+    assert torch.equal(h1, h2)
+    assert close(n1, n2, tol + 8e-3 * (tol == 0))
+    rope = Rope(D, 10000.0, 8192, dtype)
+    cos, sin = rope.tables(torch.randint(0, 8192, (T,)))
+    qkv = torch.randn(T, (H + 2 * KV) * D, dtype=dtype)
+    for got, want in zip(fused.rope_split(qkv, cos, sin, H, KV, D), eager.rope_split(qkv, cos, sin, H, KV, D)):
+        assert got.shape == want.shape and torch.equal(got, want.contiguous())
+    gu = torch.randn(T, 2 * inter, dtype=dtype) * 4
+    s1, s2 = fused.silu_mul(gu), eager.silu_mul(gu)
+    assert close(s1, s2, 2e-6 if dtype == torch.float32 else 1.6e-2)  # bf16: a flip, then the product
+    if dtype == torch.bfloat16:
+        assert (s1 != s2).float().mean() < 0.01

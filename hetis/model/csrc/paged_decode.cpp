@@ -5,7 +5,7 @@
 // No gather, no padding, no mask: each item stops at its own context length, and
 // every K and V row is read once from memory for all of the group's query rows.
 //
-// Built and loaded by hetis/model/paged_kernel.py (g++ -O3 -march=native -fopenmp,
+// Built and loaded by hetis/model/cpu_kernels.py (g++ -O3 -march=native -fopenmp,
 // cached per source, flags and CPU); called through ctypes with raw pointers of
 // contiguous tensors. float32 accumulation throughout, as PyTorch's CPU
 // scaled_dot_product_attention does for bfloat16.
@@ -15,50 +15,39 @@
 #include <cstring>
 #include <vector>
 
+#include "bf16.h"
+
+using hetis::load;
+using hetis::store;
+
 namespace {
 
-inline float load(const float* p, int64_t i) { return p[i]; }
-inline float load(const uint16_t* p, int64_t i) {
-    uint32_t u = static_cast<uint32_t>(p[i]) << 16;
-    float f;
-    std::memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-inline void store(float* p, int64_t i, float f) { p[i] = f; }
-inline void store(uint16_t* p, int64_t i, float f) {
-    // round to nearest even, as torch's float -> bfloat16 conversion
-    uint32_t u;
-    std::memcpy(&u, &f, sizeof u);
-    if ((u & 0x7fffffffu) > 0x7f800000u) {  // NaN stays NaN
-        p[i] = static_cast<uint16_t>((u >> 16) | 0x40u);
-        return;
-    }
-    u += 0x7fffu + ((u >> 16) & 1u);
-    p[i] = static_cast<uint16_t>(u >> 16);
-}
-
-template <typename T>
+// D: the head dimension when known at compile time (64, 128), else 0 (runtime ``d``).
+template <typename T, int D>
 void decode(const T* kc, const T* vc, const T* q, const int64_t* tables, int64_t table_stride,
-            const int64_t* ctx, T* out, int64_t n, int64_t h, int64_t d, int64_t bs, float scale,
+            const int64_t* ctx, T* out, int64_t n, int64_t h, int64_t d_rt, int64_t bs, float scale,
             int threads) {
-#pragma omp parallel num_threads(threads)
+    const int64_t d = D ? D : d_rt;
+#pragma omp parallel num_threads(threads) if (n > 1 && threads > 1)
     {
-        std::vector<float> qf(h * d), acc(h * d), sum(h), s;
+        std::vector<float> qf(h * d), acc(h * d), sum(h), row(d), s;
 #pragma omp for schedule(dynamic, 1)
         for (int64_t i = 0; i < n; ++i) {
             const int64_t len = ctx[i];
             const int64_t* table = tables + i * table_stride;
             s.resize(h * len);
             for (int64_t j = 0; j < h * d; ++j) qf[j] = load(q + i * h * d, j) * scale;
-            // scores: every key row once, for all h query rows
+            float* kf = row.data();
+            // scores: every key row read and widened once, for all h query rows
             for (int64_t t = 0; t < len; ++t) {
                 const T* kr = kc + (table[t / bs] * bs + t % bs) * d;
+#pragma omp simd
+                for (int64_t j = 0; j < d; ++j) kf[j] = load(kr, j);
                 for (int64_t r = 0; r < h; ++r) {
                     const float* qr = qf.data() + r * d;
                     float a = 0.f;
 #pragma omp simd reduction(+ : a)
-                    for (int64_t j = 0; j < d; ++j) a += qr[j] * load(kr, j);
+                    for (int64_t j = 0; j < d; ++j) a += qr[j] * kf[j];
                     s[r * len + t] = a;
                 }
             }
@@ -76,14 +65,16 @@ void decode(const T* kc, const T* vc, const T* q, const int64_t* tables, int64_t
                 }
                 sum[r] = z;
             }
-            // weighted values: every value row once, for all h rows
+            // weighted values: every value row read and widened once, for all h rows
             for (int64_t t = 0; t < len; ++t) {
                 const T* vr = vc + (table[t / bs] * bs + t % bs) * d;
+#pragma omp simd
+                for (int64_t j = 0; j < d; ++j) kf[j] = load(vr, j);
                 for (int64_t r = 0; r < h; ++r) {
                     const float p = s[r * len + t];
                     float* ar = acc.data() + r * d;
 #pragma omp simd
-                    for (int64_t j = 0; j < d; ++j) ar[j] += p * load(vr, j);
+                    for (int64_t j = 0; j < d; ++j) ar[j] += p * kf[j];
                 }
             }
             for (int64_t r = 0; r < h; ++r) {
@@ -92,6 +83,18 @@ void decode(const T* kc, const T* vc, const T* q, const int64_t* tables, int64_t
             }
         }
     }
+}
+
+template <typename T>
+void decode_any(const T* kc, const T* vc, const T* q, const int64_t* tables, int64_t ts,
+                const int64_t* ctx, T* out, int64_t n, int64_t h, int64_t d, int64_t bs, float scale,
+                int threads) {
+    if (d == 64)
+        decode<T, 64>(kc, vc, q, tables, ts, ctx, out, n, h, d, bs, scale, threads);
+    else if (d == 128)
+        decode<T, 128>(kc, vc, q, tables, ts, ctx, out, n, h, d, bs, scale, threads);
+    else
+        decode<T, 0>(kc, vc, q, tables, ts, ctx, out, n, h, d, bs, scale, threads);
 }
 
 }  // namespace
@@ -103,14 +106,14 @@ extern "C" {
 void hetis_paged_decode_f32(const float* kc, const float* vc, const float* q, const int64_t* tables,
                             int64_t table_stride, const int64_t* ctx, float* out, int64_t n,
                             int64_t h, int64_t d, int64_t bs, float scale, int threads) {
-    decode(kc, vc, q, tables, table_stride, ctx, out, n, h, d, bs, scale, threads);
+    decode_any(kc, vc, q, tables, table_stride, ctx, out, n, h, d, bs, scale, threads);
 }
 
 void hetis_paged_decode_bf16(const uint16_t* kc, const uint16_t* vc, const uint16_t* q,
                              const int64_t* tables, int64_t table_stride, const int64_t* ctx,
                              uint16_t* out, int64_t n, int64_t h, int64_t d, int64_t bs, float scale,
                              int threads) {
-    decode(kc, vc, q, tables, table_stride, ctx, out, n, h, d, bs, scale, threads);
+    decode_any(kc, vc, q, tables, table_stride, ctx, out, n, h, d, bs, scale, threads);
 }
 
 int hetis_paged_decode_abi() { return 1; }

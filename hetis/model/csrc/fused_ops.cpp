@@ -1,0 +1,128 @@
+// The small per-layer operations of the dense model, fused, on the CPU.
+//
+// A decode step of a few sequences spends as much time in the ~70 small PyTorch
+// operations per layer (norms, RoPE, splits, SiLU, residual adds: a few microseconds of
+// dispatch each) as in its matrix multiplications. These kernels do the same
+// arithmetic in 4 calls. Each rounds where PyTorch's eager code rounds (every
+// bfloat16 result of an elementwise operation), so RoPE and the residual add are
+// bit-identical to it; the norm's mean of squares and SiLU's exp differ from it by
+// float32 rounding (a different summation order; libmvec's expf).
+//
+// Built and loaded by hetis/model/cpu_kernels.py (-ffp-contract=off: no fused
+// multiply-add where PyTorch rounds the product); called through ctypes.
+#include <cmath>
+#include <cstdint>
+
+#include "bf16.h"
+
+using hetis::load;
+using hetis::round_to;
+using hetis::store;
+
+namespace {
+
+// One row: out = w * round(x * rsqrt(mean(x^2) + eps)), as transformers' LlamaRMSNorm
+// (statistics in float32, the normalised row rounded to the dtype, then the scale).
+template <typename T>
+inline void rms_row(const T* x, const T* w, T* out, int64_t d, float eps) {
+    float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+    for (int64_t j = 0; j < d; ++j) {
+        const float v = load(x, j);
+        ss += v * v;
+    }
+    const float r = 1.f / std::sqrt(ss / static_cast<float>(d) + eps);
+    for (int64_t j = 0; j < d; ++j) store(out, j, load(w, j) * round_to(x, load(x, j) * r));
+}
+
+template <typename T>
+void rms_norm(const T* x, int64_t xs, const T* w, T* out, int64_t n, int64_t d, float eps,
+              int threads) {
+#pragma omp parallel for num_threads(threads) if (n * d >= 65536)
+    for (int64_t i = 0; i < n; ++i) rms_row(x + i * xs, w, out + i * d, d, eps);
+}
+
+// h += a (in place, rounded), then out = rms_norm(h): the residual add and the next norm.
+template <typename T>
+void add_rms_norm(T* h, const T* a, int64_t as, const T* w, T* out, int64_t n, int64_t d,
+                  float eps, int threads) {
+#pragma omp parallel for num_threads(threads) if (n * d >= 65536)
+    for (int64_t i = 0; i < n; ++i) {
+        T* hr = h + i * d;
+        const T* ar = a + i * as;
+        for (int64_t j = 0; j < d; ++j) store(hr, j, load(hr, j) + load(ar, j));
+        rms_row(hr, w, out + i * d, d, eps);
+    }
+}
+
+// The fused projection's output [n, (hq + 2 hkv) * d] (row stride qs) into contiguous q
+// [n, hq, d] and k, v [n, hkv, d], q and k rotated (rotate-half RoPE with cos/sin
+// [n, d]): x * cos + rotate_half(x) * sin, each product and the sum rounded.
+template <typename T>
+void rope_split(const T* qkv, int64_t qs, const T* cos, const T* sin, T* q, T* k, T* v,
+                int64_t n, int64_t hq, int64_t hkv, int64_t d, int threads) {
+    const int64_t half = d / 2;
+#pragma omp parallel for num_threads(threads) if (n * (hq + 2 * hkv) * d >= 65536)
+    for (int64_t i = 0; i < n; ++i) {
+        const T* row = qkv + i * qs;
+        const T* c = cos + i * d;
+        const T* s = sin + i * d;
+        for (int64_t hd = 0; hd < hq + hkv; ++hd) {
+            const T* x = row + hd * d;
+            T* o = hd < hq ? q + (i * hq + hd) * d : k + (i * hkv + hd - hq) * d;
+            for (int64_t j = 0; j < d; ++j) {
+                const float rot = j < half ? -load(x, j + half) : load(x, j - half);
+                const float a = round_to(x, load(x, j) * load(c, j));
+                const float b = round_to(x, rot * load(s, j));
+                store(o, j, a + b);
+            }
+        }
+        const T* vr = row + (hq + hkv) * d;
+        T* vo = v + i * hkv * d;
+        for (int64_t j = 0; j < hkv * d; ++j) vo[j] = vr[j];
+    }
+}
+
+// gate_up [n, 2 m] (row stride gs) -> out [n, m] = silu(gate) * up, silu rounded first.
+template <typename T>
+void silu_mul(const T* gu, int64_t gs, T* out, int64_t n, int64_t m, int threads) {
+#pragma omp parallel for num_threads(threads) if (n * m >= 32768)
+    for (int64_t i = 0; i < n; ++i) {
+        const T* g = gu + i * gs;
+        const T* u = g + m;
+        T* o = out + i * m;
+#pragma omp simd
+        for (int64_t j = 0; j < m; ++j) {
+            const float x = load(g, j);
+            const float sx = round_to(g, x / (1.f + std::exp(-x)));
+            store(o, j, sx * load(u, j));
+        }
+    }
+}
+
+}  // namespace
+
+#define HETIS_FUSED(SUFFIX, T)                                                                   \
+    void hetis_rms_norm_##SUFFIX(const T* x, int64_t xs, const T* w, T* out, int64_t n,         \
+                                 int64_t d, float eps, int threads) {                            \
+        rms_norm(x, xs, w, out, n, d, eps, threads);                                             \
+    }                                                                                            \
+    void hetis_add_rms_norm_##SUFFIX(T* h, const T* a, int64_t as, const T* w, T* out,          \
+                                     int64_t n, int64_t d, float eps, int threads) {             \
+        add_rms_norm(h, a, as, w, out, n, d, eps, threads);                                      \
+    }                                                                                            \
+    void hetis_rope_split_##SUFFIX(const T* qkv, int64_t qs, const T* cos, const T* sin, T* q,  \
+                                   T* k, T* v, int64_t n, int64_t hq, int64_t hkv, int64_t d,    \
+                                   int threads) {                                                \
+        rope_split(qkv, qs, cos, sin, q, k, v, n, hq, hkv, d, threads);                          \
+    }                                                                                            \
+    void hetis_silu_mul_##SUFFIX(const T* gu, int64_t gs, T* out, int64_t n, int64_t m,         \
+                                 int threads) {                                                  \
+        silu_mul(gu, gs, out, n, m, threads);                                                    \
+    }
+
+extern "C" {
+HETIS_FUSED(f32, float)
+HETIS_FUSED(bf16, uint16_t)
+int hetis_fused_ops_abi() { return 1; }
+}
