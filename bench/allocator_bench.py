@@ -25,10 +25,9 @@ from rich.table import Table
 
 from hetis.allocator import gavel
 from hetis.allocator.baselines import max_min_perf
-from hetis.allocator.cooperative import groups
 from hetis.allocator.modes import MODES, allocate, solver
 from hetis.allocator.noncooperative import noncooperative
-from hetis.allocator.problem import Problem, efficiency
+from hetis.allocator.problem import Problem, efficiency, groups
 
 OUT = pathlib.Path(__file__).resolve().parent / "results"
 
@@ -79,8 +78,8 @@ def solve_times(quick: bool) -> list[dict]:
     for n, m, distinct in track(sizes, description="solve times"):
         p = instance(np.random.default_rng(n * 10 + m), n, m, distinct=distinct)
         for mode in MODES:
-            if (mode == "partial-allocation" and n > 100) or (distinct and mode != "cooperative"):
-                continue     # partial allocation: n+1 Nash-welfare solves, each a series of LPs
+            if distinct and mode != "cooperative":
+                continue
             t0 = time.perf_counter()
             a = allocate(p, mode)
             row = {"tenants": n, "gpu_types": m, "mode": mode, "seconds": time.perf_counter() - t0,

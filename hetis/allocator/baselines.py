@@ -18,9 +18,9 @@ from dataclasses import replace
 import numpy as np
 import scipy.sparse as sp
 
-from .ceei import eisenberg_gale as nash_welfare
+from .ceei import NashWelfare, _ceei_polish
 from .lp import block_rows, solve_lp, utility_rows
-from .problem import Allocation, Problem, best_within_cap, equal_share_values
+from .problem import Allocation, Problem, best_within_cap, equal_share_values, merged
 
 
 def _timed(mode: str, t0: float, x: np.ndarray, **info) -> Allocation:
@@ -58,21 +58,62 @@ def max_min_perf(p: Problem, tie_break: bool = True) -> Allocation:
     return _timed("max-min", t0, np.clip(x.reshape(n, m), 0.0, None), level=float(z[-1]))
 
 
-def partial_allocation(p: Problem) -> Allocation:
+def partial_allocation(p: Problem, rel_tol: float = 1e-10) -> Allocation:
+    """Interchangeable tenants (same speedups and cap per weight) are merged: the Nash
+    welfare is symmetric and concave in them, so its optimum gives them equal bundles per
+    unit of weight, and x*_{-i} depends only on i's group and weight. So the n + 1
+    programs become one per distinct (group, weight), each a re-solve of one model
+    (`NashWelfare`) from the full program's cuts. With W_h the groups' weights, U_h their
+    utilities in x* and U'_h in x*_{-i} (i of weight w in group g), the exponent is
+    sum_{h != g} W_h (log U_h - log U'_h) + (W_g - w)(log U_g/W_g - log U'_g/(W_g - w)).
+    ``rel_tol``: each program's gap z_i - log U_i (`NashWelfare.solve`); the fractions
+    move by about 4e-7 at 1e-8 (300 tenants x 8 types, 30 % capped)."""
     t0 = time.perf_counter()
-    x = nash_welfare(p)
-    logu = np.log(np.maximum((p.speedup * x).sum(axis=1), 1e-300))
+    q, group = merged(p)
+    nw = NashWelfare(q)
+    big = nw.solve()
+    exact, polished = None, 0
+    if not np.isfinite(q.caps).any():
+        exact = _ceei_polish(q, big, 1e-6)
+        if exact is not None:
+            big = exact
+    logu = np.log(np.maximum((q.speedup * big).sum(axis=1), 1e-300))
+    per_weight = np.where(np.isfinite(q.caps), q.caps / q.weights, np.inf)
     frac = np.ones(p.n)
+    done: dict[tuple[int, float], float] = {}
     for i in range(p.n):
-        keep = np.arange(p.n) != i
-        if not keep.any():
-            break
-        sub = replace(p, tenants=tuple(np.array(p.tenants)[keep]), weights=p.weights[keep],
-                      throughput=p.throughput[keep], caps=p.caps[keep])
-        xs = nash_welfare(sub)
-        logu_s = np.log(np.maximum((sub.speedup * xs).sum(axis=1), 1e-300))
-        frac[i] = min(1.0, np.exp((p.weights[keep] @ (logu[keep] - logu_s)) / p.weights[i]))
-    return _timed("partial-allocation", t0, x * frac[:, None], fractions=frac.tolist())
+        g, w = int(group[i]), float(p.weights[i])
+        if (g, w) not in done:
+            rest = q.weights.copy()
+            rest[g] = max(rest[g] - w, 0.0) if rest[g] - w > 1e-12 * rest[g] else 0.0
+            if not rest.any():
+                done[(g, w)] = 1.0
+                continue
+            xs = None
+            if exact is not None:      # no caps: the same equilibrium edges, one LP (ceei._ceei_polish)
+                keep = rest > 0
+                sub = replace(q, tenants=tuple(np.array(q.tenants)[keep]), weights=rest[keep],
+                              throughput=q.throughput[keep], caps=q.caps[keep])
+                y = _ceei_polish(sub, exact[keep], 1e-9)
+                if y is not None:
+                    xs = np.zeros_like(big)
+                    xs[keep] = y
+                    polished += 1
+            if xs is None:
+                caps = np.full(q.n, np.inf)
+                fin = np.isfinite(per_weight)
+                caps[fin] = per_weight[fin] * rest[fin]
+                xs = nw.solve(rest, caps, rel_tol=rel_tol, keep_cuts=False)
+            logs = np.log(np.maximum((q.speedup * xs).sum(axis=1), 1e-300))
+            others = np.arange(q.n) != g
+            e = rest[others] @ (logu[others] - logs[others])
+            if rest[g] > 0:
+                e += rest[g] * (logu[g] - np.log(q.weights[g]) - logs[g] + np.log(rest[g]))
+            done[(g, w)] = min(1.0, float(np.exp(e / w)))
+        frac[i] = done[(g, w)]
+    x = big[group] * (p.weights / q.weights[group])[:, None]
+    return _timed("partial-allocation", t0, x * frac[:, None], fractions=frac.tolist(), programs=len(done) + 1,
+                  polished=polished)
 
 
 BASELINES = {"max-min": max_min_perf, "throughput-sum": throughput_sum, "equal": equal_split,

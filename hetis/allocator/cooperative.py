@@ -30,19 +30,11 @@ from .lp import (
 )
 from .noncooperative import noncooperative
 from .pareto import pareto_stages
-from .problem import Allocation, Problem, capped_price, efficiency, equal_share_values
+from .problem import Allocation, Problem, capped_price, efficiency, equal_share_values, groups
 
 AGE = 2           # an EF row slack this many LP rounds in a row leaves the LP (it returns if violated)
 KEEP_AFTER = 60   # LP rounds after which no row leaves any more (so the loop terminates)
 FINISH_SECONDS = 0.15  # of the time limit, kept for splitting merged tenants and the checks after stage 3
-
-
-def groups(p: Problem) -> tuple[np.ndarray, np.ndarray]:
-    """Tenants with the same speedup vector and cap per unit of weight are interchangeable:
-    (group index per tenant, first member per group)."""
-    key = np.concatenate([p.speedup, (p.caps / p.weights)[:, None]], axis=1)
-    _, first, inverse = np.unique(key, axis=0, return_index=True, return_inverse=True)
-    return inverse.ravel(), first
 
 
 def cooperative(p: Problem, max_refine: int = 4, pareto: bool = True, time_limit: float = TIME_BUDGET,

@@ -119,6 +119,26 @@ class Allocation:
                 "optimality_gap": None if gap is None else float(gap), "pareto_efficient": pe}
 
 
+def groups(p: Problem) -> tuple[np.ndarray, np.ndarray]:
+    """Tenants with the same speedup vector and cap per unit of weight are interchangeable
+    (cooperative's LP and the Nash welfare are symmetric in them): (group index per
+    tenant, first member per group)."""
+    key = np.concatenate([p.speedup, (p.caps / p.weights)[:, None]], axis=1)
+    _, first, inverse = np.unique(key, axis=0, return_index=True, return_inverse=True)
+    return inverse.ravel(), first
+
+
+def merged(p: Problem) -> tuple[Problem, np.ndarray]:
+    """The problem with each group of interchangeable tenants as one tenant of their total
+    weight and cap, and the group of every tenant; a group's bundle is shared in
+    proportion to weight (`x[group] * (w / W[group])`)."""
+    group, first = groups(p)
+    wsum = np.bincount(group, weights=p.weights)
+    q = Problem(p.gpu_types, p.capacity, tuple(p.tenants[i] for i in first), wsum, p.throughput[first],
+                p.caps[first] / p.weights[first] * wsum, p.prices)
+    return q, group
+
+
 # ---------------------------------------------------------------- valuations
 
 def capped_value(s: np.ndarray, d: np.ndarray, a: np.ndarray) -> np.ndarray:

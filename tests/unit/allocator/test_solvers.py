@@ -97,3 +97,36 @@ def test_merging_interchangeable_tenants_loses_nothing(p):
     assert efficiency(q, merged.x) >= efficiency(q, full.x) * (1 - 1e-7)
     assert si_slack(q, merged.x).min() >= -TOL and ef_slack(q, merged.x).min() >= -TOL
     assert_feasible(q, merged.x)
+
+
+def _partial_allocation_by_definition(p: Problem) -> np.ndarray:
+    """Cole-Gkatzelis-Goel by the book: n + 1 separate Nash-welfare programs."""
+    from dataclasses import replace
+
+    from hetis.allocator.ceei import eisenberg_gale
+    x = eisenberg_gale(p)
+    logu = np.log((p.speedup * x).sum(axis=1))
+    frac = np.ones(p.n)
+    for i in range(p.n):
+        keep = np.arange(p.n) != i
+        sub = replace(p, tenants=tuple(np.array(p.tenants)[keep]), weights=p.weights[keep],
+                      throughput=p.throughput[keep], caps=p.caps[keep])
+        logs = np.log((sub.speedup * eisenberg_gale(sub)).sum(axis=1))
+        frac[i] = min(1.0, np.exp(p.weights[keep] @ (logu[keep] - logs) / p.weights[i]))
+    return (p.speedup * x).sum(axis=1) * frac
+
+
+@pytest.mark.parametrize("caps", [False, True])
+def test_partial_allocation_with_merged_tenants_matches_the_definition(caps):
+    """Interchangeable tenants share one leave-one-out program per (group, weight): the
+    utilities are those of the n + 1 separate programs."""
+    from hetis.allocator.baselines import partial_allocation
+    rng = np.random.default_rng(7)
+    profiles = rng.uniform(0.2, 3.0, size=(3, 3))
+    tenants = [{"name": f"t{i}", "throughput": dict(zip("abc", profiles[i % 3])), "weight": [1.0, 2.0][i % 2],
+                "max_gpus": (2.0 if i % 3 == 0 else None) if caps else None} for i in range(9)]
+    p = Problem.build({"a": 3, "b": 4, "c": 5}, tenants)
+    a = partial_allocation(p)
+    assert a.info["programs"] < p.n + 1            # duplicates merged
+    assert_feasible(p, a.x)
+    np.testing.assert_allclose(utilities(p, a.x), _partial_allocation_by_definition(p), rtol=1e-6)
