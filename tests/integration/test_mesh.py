@@ -43,10 +43,12 @@ def run(stub, ids=None, prompt=None, sampling=None, timeout=300):
 @pytest.fixture(scope="module", params=[(0, "hetis", ("--max-queue", "1", "--max-num-seqs", "1")),
                                         (2, "round-robin", ("--max-queue", "64"))],
                 ids=["0-attn", "2-attn"])
-def cluster(request):
+def cluster(request, tmp_path_factory):
     n, policy, router_args = request.param
+    step_log = tmp_path_factory.mktemp("steps") / "steps.jsonl"   # the simulator's calibration
+    router_args = (*router_args, "--step-log", str(step_log))
     c = Cluster(attn_workers=n, policy=policy, router_args=router_args)
-    c.n_attn = n
+    c.n_attn, c.step_log = n, step_log
     with grpc.insecure_channel(c.target) as ch:
         c.stub = generation_pb2_grpc.GenerationStub(ch)
         yield c
@@ -341,3 +343,24 @@ def test_stop_strings_match_in_process(cluster, llm):
     # the engine let go of it: nothing left running
     st = cluster.stub.GetClusterStatus(pb.ClusterStatusRequest(), timeout=10)
     assert st.running == 0 and all(not w.resident for w in st.workers)
+
+
+def test_step_log_has_one_line_per_step_with_its_shape(cluster, llm, prompts):
+    """`--step-log`: one JSON line per executed step, [seconds, tokens, sampled sequences,
+    KV tokens read, decode (sequence, group) pairs, prefill attention flops]; for one
+    request alone the lines add up to its prompt and its tokens."""
+    import json
+
+    ids = prompts[1]
+    before = len(cluster.step_log.read_text().splitlines()) if cluster.step_log.exists() else 0
+    toks, _, _ = run(cluster.stub, ids=ids)
+    rows = [json.loads(line) for line in cluster.step_log.read_text().splitlines()[before:]]
+    groups = llm.model_config.num_kv_heads
+    assert rows and all(len(r) == 6 and r[0] > 0 for r in rows)
+    assert sum(r[1] for r in rows) == len(ids) + len(toks) - 1     # the prompt, then one token a step
+    assert sum(r[2] for r in rows) == len(toks)                    # a token sampled per step
+    decode = [r for r in rows if r[4]]
+    assert len(decode) == len(toks) - 1 and all(r[4] == groups for r in decode)
+    # each decode step reads the context so far, its own new key included, per group
+    assert sorted(r[3] for r in decode) == [groups * (len(ids) + k + 1) for k in range(len(toks) - 1)]
+    assert sum(r[5] for r in rows) > 0 and all(r[5] == 0 for r in decode)
