@@ -103,19 +103,25 @@ def test_kernel_cache_key_names_the_cpu(monkeypatch, tmp_path):
 
 
 @needs_compiler
-@pytest.mark.parametrize("D", [32, 64, 128])  # 64 and 128 are compiled for their size
-def test_kernel_head_dims(D):
-    torch.manual_seed(D)
-    bs, h, n = 8, 4, 5
-    k, v = torch.randn(12 * bs, D), torch.randn(12 * bs, D)
-    tables = torch.randperm(12)[:10].view(n, 2).contiguous()
-    ctx = torch.tensor([1, 5, 8, 9, 16])
-    q = torch.randn(n, h, D)
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-6), (torch.bfloat16, 8e-3)])
+@pytest.mark.parametrize("h", [1, 3, 4, 5])     # 5: no bfloat16 loop of its own
+@pytest.mark.parametrize("D", [32, 64, 128])     # 64 and 128 are compiled for their size
+def test_kernel_head_dims(D, h, dtype, tol):
+    """Contexts of 1 to 70 tokens over shuffled blocks: partial and whole blocks, and (the
+    AVX-512 BF16 loop takes keys 16 at a time) partial and several chunks of 16."""
+    torch.manual_seed(D * 10 + h)
+    bs, n, per = 8, 7, 9
+    k, v = torch.randn(n * per * bs, D).to(dtype), torch.randn(n * per * bs, D).to(dtype)
+    tables = torch.randperm(n * per).view(n, per).contiguous()
+    ctx = torch.tensor([1, 5, 8, 16, 17, 33, 70])
+    q = torch.randn(n, h, D).to(dtype)
     out = cpu_kernels.paged_decode(k, v, q, tables, ctx, bs, D ** -0.5)
+    assert out.dtype == dtype
     for i in range(n):
         slots = torch.cat([torch.arange(b * bs, (b + 1) * bs) for b in tables[i].tolist()])[:ctx[i]]
-        ref = torch.softmax(q[i] @ k[slots].T * D ** -0.5, -1) @ v[slots]
-        assert torch.allclose(out[i], ref, atol=2e-6), (i, (out[i] - ref).abs().max())
+        kf, vf = k[slots].float(), v[slots].float()
+        ref = torch.softmax(q[i].float() @ kf.T * D ** -0.5, -1) @ vf
+        assert torch.allclose(out[i].float(), ref, atol=tol, rtol=tol), (i, (out[i].float() - ref).abs().max())
 
 
 @needs_compiler

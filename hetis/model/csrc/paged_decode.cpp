@@ -12,8 +12,13 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
 
 #include "bf16.h"
 
@@ -85,6 +90,145 @@ void decode(const T* kc, const T* vc, const T* q, const int64_t* tables, int64_t
     }
 }
 
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+// bfloat16 on AVX-512 BF16 (D = 64, 128; H query rows per group): the scores by
+// vdpbf16ps straight from the cached bf16 keys (products exact in float32, float32
+// sums; no widening of K), 16 keys at a time with their 16 horizontal sums done as one
+// transpose-add tree; the value rows widened once and accumulated in registers for all
+// H rows. The scale multiplies the scores (the generic loop scales q first: the same to
+// float32 rounding).
+
+// lane t of the result: the sum of a[t]'s 16 lanes
+inline __m512 sum16(__m512* a) {
+    __m512 b[8], c[4], d[2];
+    for (int t = 0; t < 8; ++t)   // lanes 0-7: a[2t]'s halves added, 8-15: a[2t+1]'s
+        b[t] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * t], a[2 * t + 1], 0x44),
+                             _mm512_shuffle_f32x4(a[2 * t], a[2 * t + 1], 0xEE));
+    for (int t = 0; t < 4; ++t)   // 128-bit lane l: one key's 4 partial sums
+        c[t] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * t], b[2 * t + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                             _mm512_shuffle_f32x4(b[2 * t], b[2 * t + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+    for (int t = 0; t < 2; ++t)   // two partial sums each
+        d[t] = _mm512_add_ps(_mm512_shuffle_ps(c[2 * t], c[2 * t + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_ps(c[2 * t], c[2 * t + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    const __m512 e = _mm512_add_ps(_mm512_shuffle_ps(d[0], d[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                   _mm512_shuffle_ps(d[0], d[1], _MM_SHUFFLE(3, 1, 3, 1)));
+    // e's lane l holds key (l % 4) * 4 + l / 4 (a 4 x 4 transpose, its own inverse)
+    return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), e);
+}
+
+template <int D>
+inline void prefetch_row(const uint16_t* row) {
+    for (int b = 0; b < D * 2; b += 64) _mm_prefetch(reinterpret_cast<const char*>(row) + b, _MM_HINT_T0);
+}
+
+template <int D, int H>
+void decode_bf16(const uint16_t* kc, const uint16_t* vc, const uint16_t* q, const int64_t* tables,
+                 int64_t table_stride, const int64_t* ctx, uint16_t* out, int64_t n, int64_t bs,
+                 float scale, int threads) {
+    constexpr int NB = D / 32;   // bf16 vectors of a row
+    constexpr int NF = D / 16;   // float32 vectors of a row
+#pragma omp parallel num_threads(threads) if (n > 1 && threads > 1)
+    {
+        std::vector<float> s;
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t i = 0; i < n; ++i) {
+            const int64_t len = ctx[i];
+            const int64_t* table = tables + i * table_stride;
+            const int64_t stride = (len + 15) & ~int64_t{15};
+            s.resize(H * stride);
+            __m512bh qv[H][NB];
+            for (int r = 0; r < H; ++r)
+                for (int b = 0; b < NB; ++b)
+                    qv[r][b] = (__m512bh)_mm512_loadu_si512(q + (i * H + r) * D + b * 32);
+            const __m512 sc = _mm512_set1_ps(scale);
+            for (int64_t t0 = 0; t0 < len; t0 += 16) {
+                const uint16_t* rows[16];
+                const int64_t m = std::min<int64_t>(16, len - t0);
+                for (int64_t t = 0; t < 16; ++t) {
+                    const int64_t tt = t0 + std::min(t, m - 1);   // past the end: a row again, unused
+                    rows[t] = kc + (table[tt / bs] * bs + tt % bs) * D;
+                }
+                // the next 16 keys' rows (another block, somewhere else) and this chunk's values
+                for (int64_t t = t0 + 16; t < std::min(t0 + 32, len); ++t)
+                    prefetch_row<D>(kc + (table[t / bs] * bs + t % bs) * D);
+                for (int r = 0; r < H; ++r) {
+                    __m512 a[16];
+                    for (int t = 0; t < 16; ++t) {
+                        __m512 acc = _mm512_setzero_ps();
+                        for (int b = 0; b < NB; ++b)
+                            acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(rows[t] + b * 32), qv[r][b]);
+                        a[t] = acc;
+                    }
+                    _mm512_storeu_ps(s.data() + r * stride + t0, _mm512_mul_ps(sum16(a), sc));
+                }
+            }
+            float sum[H];
+            for (int r = 0; r < H; ++r) {
+                float* sr = s.data() + r * stride;
+                float mx = sr[0];
+                for (int64_t t = 1; t < len; ++t) mx = std::max(mx, sr[t]);
+                float z = 0.f;
+#pragma omp simd reduction(+ : z)
+                for (int64_t t = 0; t < len; ++t) {
+                    sr[t] = std::exp(sr[t] - mx);
+                    z += sr[t];
+                }
+                sum[r] = z;
+            }
+            __m512 acc[H][NF];
+            for (int r = 0; r < H; ++r)
+                for (int f = 0; f < NF; ++f) acc[r][f] = _mm512_setzero_ps();
+            for (int64_t t = 0; t < len; ++t) {
+                const uint16_t* vr = vc + (table[t / bs] * bs + t % bs) * D;
+                if (t + 16 < len) prefetch_row<D>(vc + (table[(t + 16) / bs] * bs + (t + 16) % bs) * D);
+                __m512 vf[NF];
+                for (int f = 0; f < NF; ++f)
+                    vf[f] = _mm512_castsi512_ps(_mm512_slli_epi32(
+                        _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(vr + f * 16))), 16));
+                for (int r = 0; r < H; ++r) {
+                    const __m512 p = _mm512_set1_ps(s[r * stride + t]);
+                    for (int f = 0; f < NF; ++f) acc[r][f] = _mm512_fmadd_ps(p, vf[f], acc[r][f]);
+                }
+            }
+            for (int r = 0; r < H; ++r) {
+                const float inv = 1.f / sum[r];
+                alignas(64) float o[D];
+                for (int f = 0; f < NF; ++f) _mm512_store_ps(o + f * 16, acc[r][f]);
+                uint16_t* dst = out + (i * H + r) * D;
+                for (int j = 0; j < D; ++j) store(dst, j, o[j] * inv);
+            }
+        }
+    }
+}
+
+template <int D>
+bool decode_bf16_h(const uint16_t* kc, const uint16_t* vc, const uint16_t* q, const int64_t* tables,
+                   int64_t ts, const int64_t* ctx, uint16_t* out, int64_t n, int64_t h, int64_t bs,
+                   float scale, int threads) {
+    switch (h) {
+        case 1: decode_bf16<D, 1>(kc, vc, q, tables, ts, ctx, out, n, bs, scale, threads); return true;
+        case 2: decode_bf16<D, 2>(kc, vc, q, tables, ts, ctx, out, n, bs, scale, threads); return true;
+        case 3: decode_bf16<D, 3>(kc, vc, q, tables, ts, ctx, out, n, bs, scale, threads); return true;
+        case 4: decode_bf16<D, 4>(kc, vc, q, tables, ts, ctx, out, n, bs, scale, threads); return true;
+        case 8: decode_bf16<D, 8>(kc, vc, q, tables, ts, ctx, out, n, bs, scale, threads); return true;
+        default: return false;
+    }
+}
+
+bool decode_fast(const uint16_t* kc, const uint16_t* vc, const uint16_t* q, const int64_t* tables,
+                 int64_t ts, const int64_t* ctx, uint16_t* out, int64_t n, int64_t h, int64_t d,
+                 int64_t bs, float scale, int threads) {
+    if (d == 64) return decode_bf16_h<64>(kc, vc, q, tables, ts, ctx, out, n, h, bs, scale, threads);
+    if (d == 128) return decode_bf16_h<128>(kc, vc, q, tables, ts, ctx, out, n, h, bs, scale, threads);
+    return false;
+}
+#else
+bool decode_fast(const uint16_t*, const uint16_t*, const uint16_t*, const int64_t*, int64_t,
+                 const int64_t*, uint16_t*, int64_t, int64_t, int64_t, int64_t, float, int) {
+    return false;
+}
+#endif
+
 template <typename T>
 void decode_any(const T* kc, const T* vc, const T* q, const int64_t* tables, int64_t ts,
                 const int64_t* ctx, T* out, int64_t n, int64_t h, int64_t d, int64_t bs, float scale,
@@ -113,6 +257,10 @@ void hetis_paged_decode_bf16(const uint16_t* kc, const uint16_t* vc, const uint1
                              const int64_t* tables, int64_t table_stride, const int64_t* ctx,
                              uint16_t* out, int64_t n, int64_t h, int64_t d, int64_t bs, float scale,
                              int threads) {
+    // HETIS_PAGED_GENERIC=1: the generic loop only (to compare the two; docs/cpu.md)
+    static const bool generic = std::getenv("HETIS_PAGED_GENERIC") != nullptr;
+    if (!generic && decode_fast(kc, vc, q, tables, table_stride, ctx, out, n, h, d, bs, scale, threads))
+        return;
     decode_any(kc, vc, q, tables, table_stride, ctx, out, n, h, d, bs, scale, threads);
 }
 
