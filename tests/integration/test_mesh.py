@@ -351,8 +351,15 @@ def test_step_log_has_one_line_per_step_with_its_shape(cluster, llm, prompts):
     request alone the lines add up to its prompt and its tokens."""
     import json
 
+    def lines() -> int:
+        return len(cluster.step_log.read_text().splitlines()) if cluster.step_log.exists() else 0
+    before, deadline = lines(), time.monotonic() + 60
+    while time.monotonic() < deadline:   # earlier tests' last steps (a cancelled stream's) first
+        time.sleep(1.0)
+        if lines() == before:
+            break
+        before = lines()
     ids = prompts[1]
-    before = len(cluster.step_log.read_text().splitlines()) if cluster.step_log.exists() else 0
     toks, _, _ = run(cluster.stub, ids=ids)
     rows = [json.loads(line) for line in cluster.step_log.read_text().splitlines()[before:]]
     groups = llm.model_config.num_kv_heads
