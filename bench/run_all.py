@@ -145,7 +145,7 @@ def step_breakdown(router: str) -> dict:
     return out
 
 
-def step_vs_matmul(out_dir: pathlib.Path) -> dict:
+def step_vs_matmul(out_dir: pathlib.Path, threads: int) -> dict:
     try:
         mod = importlib.import_module("bench.step_vs_matmul")
     except ModuleNotFoundError as e:
@@ -154,7 +154,7 @@ def step_vs_matmul(out_dir: pathlib.Path) -> dict:
         raise RuntimeError("bench/step_vs_matmul.py is not there yet; skipped") from None
     if not hasattr(mod, "main"):
         raise RuntimeError("bench/step_vs_matmul.py has no main(out_dir); skipped")
-    return mod.main(out_dir)
+    return mod.main(out_dir, threads=threads)   # explicit: mesh_vs_engine leaves torch at --mesh-threads
 
 
 def main(argv=None) -> int:
@@ -256,7 +256,7 @@ def main(argv=None) -> int:
             traceback.print_exc()
     if "step_vs_matmul" in parts:
         try:
-            r = step_vs_matmul(out_dir)
+            r = step_vs_matmul(out_dir, args.threads)
             summary["step_vs_matmul"] = r["step_vs_matmul"]
             summary["step_vs_matmul_detail"] = {k: v for k, v in r.items() if k != "profile_last_step"}
         except RuntimeError as e:
