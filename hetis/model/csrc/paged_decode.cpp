@@ -27,6 +27,23 @@ using hetis::store;
 
 namespace {
 
+// Each of ``rows`` score rows (``stride`` apart) turned into exp(s - max) over its first
+// ``len`` entries, float32; their sums to ``sum``.
+inline void softmax_rows(float* s, int64_t rows, int64_t stride, int64_t len, float* sum) {
+    for (int64_t r = 0; r < rows; ++r) {
+        float* sr = s + r * stride;
+        float m = sr[0];
+        for (int64_t t = 1; t < len; ++t) m = std::max(m, sr[t]);
+        float z = 0.f;
+#pragma omp simd reduction(+ : z)
+        for (int64_t t = 0; t < len; ++t) {
+            sr[t] = std::exp(sr[t] - m);
+            z += sr[t];
+        }
+        sum[r] = z;
+    }
+}
+
 // D: the head dimension when known at compile time (64, 128), else 0 (runtime ``d``).
 template <typename T, int D>
 void decode(const T* kc, const T* vc, const T* q, const int64_t* tables, int64_t table_stride,
@@ -56,20 +73,8 @@ void decode(const T* kc, const T* vc, const T* q, const int64_t* tables, int64_t
                     s[r * len + t] = a;
                 }
             }
-            // softmax, float32
+            softmax_rows(s.data(), h, len, len, sum.data());
             std::fill(acc.begin(), acc.end(), 0.f);
-            for (int64_t r = 0; r < h; ++r) {
-                float* sr = s.data() + r * len;
-                float m = sr[0];
-                for (int64_t t = 1; t < len; ++t) m = std::max(m, sr[t]);
-                float z = 0.f;
-#pragma omp simd reduction(+ : z)
-                for (int64_t t = 0; t < len; ++t) {
-                    sr[t] = std::exp(sr[t] - m);
-                    z += sr[t];
-                }
-                sum[r] = z;
-            }
             // weighted values: every value row read and widened once, for all h rows
             for (int64_t t = 0; t < len; ++t) {
                 const T* vr = vc + (table[t / bs] * bs + t % bs) * d;
@@ -163,18 +168,7 @@ void decode_bf16(const uint16_t* kc, const uint16_t* vc, const uint16_t* q, cons
                 }
             }
             float sum[H];
-            for (int r = 0; r < H; ++r) {
-                float* sr = s.data() + r * stride;
-                float mx = sr[0];
-                for (int64_t t = 1; t < len; ++t) mx = std::max(mx, sr[t]);
-                float z = 0.f;
-#pragma omp simd reduction(+ : z)
-                for (int64_t t = 0; t < len; ++t) {
-                    sr[t] = std::exp(sr[t] - mx);
-                    z += sr[t];
-                }
-                sum[r] = z;
-            }
+            softmax_rows(s.data(), H, stride, len, sum);
             __m512 acc[H][NF];
             for (int r = 0; r < H; ++r)
                 for (int f = 0; f < NF; ++f) acc[r][f] = _mm512_setzero_ps();
