@@ -54,7 +54,7 @@ BASE_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++1
 LIBS = {
     "paged_decode": (BASE_FLAGS + ["-ffast-math"], 1),
     "fused_ops": (BASE_FLAGS + ["-ffast-math", "-fno-associative-math", "-fno-reciprocal-math",
-                             "-ffp-contract=off"], 1),
+                             "-ffp-contract=off"], 2),
 }
 _P, _I, _F, _C = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
 SIGNATURES = {
@@ -64,6 +64,7 @@ SIGNATURES = {
         "hetis_add_rms_norm": [_P, _P, _I, _P, _P, _I, _I, _F, _C],
         "hetis_rope_split": [_P, _I, _P, _P, _P, _P, _P, _I, _I, _I, _I, _C],
         "hetis_silu_mul": [_P, _I, _P, _I, _I, _C],
+        "hetis_q8_linear": [_P, _P, _P, _P, _I, _I, _I, _C],
     },
 }
 SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
@@ -184,6 +185,18 @@ def paged_decode(k_layer: torch.Tensor, v_layer: torch.Tensor, q: torch.Tensor, 
         k_layer.data_ptr(), v_layer.data_ptr(), q.data_ptr(), tables.data_ptr(),
         tables.stride(0) if n else 0, ctx.data_ptr(), out.data_ptr(), n, h, d, block_size,
         float(scale), torch.get_num_threads())
+    return out
+
+
+def q8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [M, K] (float32 or bfloat16) @ W.T for a Q8_0 weight W = q * scale per block of
+    32 (q int8 [N, K], scale float32 [N, K // 32]): float32 [M, N]."""
+    x = x if x.is_contiguous() else x.contiguous()
+    m, k = x.shape
+    n = q.shape[0]
+    out = torch.empty((m, n), dtype=torch.float32)
+    _fn("fused_ops", "hetis_q8_linear", x.dtype)(x.data_ptr(), q.data_ptr(), scale.data_ptr(), out.data_ptr(),
+                                                 m, n, k, torch.get_num_threads())
     return out
 
 

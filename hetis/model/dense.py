@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from hetis.defaults import DTYPE_NAMES
 from hetis.model import cpu_kernels
 from hetis.model.config import ModelConfig
-from hetis.model.quant import Int4Weight, linear
+from hetis.model.quant import Q8_MAX_ROWS, Int4Weight, linear
 
 DTYPES = dict(zip(DTYPE_NAMES, (torch.float32, torch.bfloat16)))
 
@@ -128,9 +128,15 @@ class DenseModel:
 
         def cat(ws):  # the fused projections
             return ready(Int4Weight.cat(ws)) if isinstance(ws[0], Int4Weight) else torch.cat(ws)
+        q8 = {"embed": sd.pop("model.embed_tokens.q8", None), "head": sd.pop("lm_head.q8", None)}
         self.embed = take("model.embed_tokens.weight")
-        self.lm_head = self.embed if cfg.tie_word_embeddings or "lm_head.weight" not in sd \
-            else take("lm_head.weight")
+        tied = cfg.tie_word_embeddings or "lm_head.weight" not in sd
+        self.lm_head = self.embed if tied else take("lm_head.weight")
+        # weights="gguf": a Q8_0 LM head read as it is for a few bf16 rows (hetis/model/quant.py)
+        self.lm_head_q8 = q8["embed" if tied else "head"]
+        if self.lm_head_q8 is not None and not (cd == torch.bfloat16 and self.device.type == "cpu"
+                                                and cpu_kernels.supports(self.lm_head, "fused_ops")):
+            self.lm_head_q8 = None
         self.norm = take("model.norm.weight")
         self.layers = []
         for i in range(cfg.num_layers):
@@ -166,7 +172,10 @@ class DenseModel:
         return linear(self.ops.silu_mul(linear(x, L["gate_up"])), L["down"])
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return F.linear(rms_norm(h, self.norm, self.cfg.rms_norm_eps), self.lm_head).float()
+        x = rms_norm(h, self.norm, self.cfg.rms_norm_eps)
+        if self.lm_head_q8 is not None and x.shape[0] <= Q8_MAX_ROWS:
+            return cpu_kernels.q8_linear(x, self.lm_head_q8.q, self.lm_head_q8.scale)
+        return F.linear(x, self.lm_head).float()
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, logit_rows: torch.Tensor,

@@ -71,7 +71,9 @@ def load(model: str | None, dtype: torch.dtype = torch.float32, weights: str = "
 
     ``weights="gguf"`` keeps a GGUF's Q4_0/Q4_1 projections four-bit
     (:class:`hetis.model.quant.Int4Weight` values in the state dict; the rest is
-    dequantised as usual); ``"dense"`` dequantises everything to ``dtype``."""
+    dequantised as usual, and a Q8_0 LM head or embedding is also there as it is, an
+    :class:`~hetis.model.quant.Int8Weight` under ``lm_head.q8`` or
+    ``model.embed_tokens.q8``); ``"dense"`` dequantises everything to ``dtype``."""
     if weights not in WEIGHTS:
         raise ValueError(f"weights: must be one of {WEIGHTS} (got {weights!r})")
     path = resolve_model(model)
@@ -122,12 +124,15 @@ def _load_gguf(path: str, dtype: torch.dtype):
     return cfg, {k: v.to(dtype) for k, v in sd.items()}, tok
 
 
+_Q8_HEADS = {"output.weight": "lm_head.q8", "token_embd.weight": "model.embed_tokens.q8"}
+
+
 def _load_gguf_int4(path: str, dtype: torch.dtype):
     """Q4_0/Q4_1 projections as Int4Weight (q/k rows un-permuted like the dense path's),
     everything else dequantised (hetis/model/quant.py)."""
     import gguf
 
-    from hetis.model.quant import Q4_TYPES, from_gguf
+    from hetis.model.quant import Q4_TYPES, from_gguf, q8_from_gguf
     r = gguf.GGUFReader(path)
     cfg = _gguf_config(r)
     tok = Tokenizer.from_gguf_reader(r)
@@ -144,6 +149,9 @@ def _load_gguf_int4(path: str, dtype: torch.dtype):
             quant[f"model.layers.{parts[1]}.{_GGUF_NAMES[kind]}.weight"] = w
         else:
             rest[t.name] = t
+            if t.name in _Q8_HEADS and t.tensor_type.name == "Q8_0" and len(t.shape) == 2:
+                # kept as it is too: the LM head's logits of a few rows (hetis/model/quant.py)
+                quant[_Q8_HEADS[t.name]] = q8_from_gguf(t.data, (int(t.shape[1]), int(t.shape[0])))
     sd = {k: v.to(dtype) for k, v in _dequantize_gguf(r, rest, cfg.num_heads, cfg.num_kv_heads).items()}
     return cfg, {**sd, **quant}, tok
 

@@ -14,8 +14,12 @@ both formats map onto it exactly: ``scale = d``, ``zero = 0`` (Q4_0) or
 for it: about 5 bits per weight are read per token, against 16 in bf16, which
 is what a decode step of one or a few sequences is bound by. Scales and zeros
 are kept in float32 (the GGUF's float16 values exactly) and cast once to the
-activations' dtype. Other tensors (norms, the Q8_0 embeddings that also serve
-as the LM head) are dequantised as usual.
+activations' dtype. Other tensors (norms, embeddings) are dequantised as usual;
+a Q8_0 LM head (or the Q8_0 embeddings that serve as one) is also kept as it is
+(:class:`Int8Weight`), and the logits of up to ``Q8_MAX_ROWS`` bfloat16 rows
+are computed from it by the fused_ops kernel ``q8_linear`` (hetis/model/
+cpu_kernels.py): 8.5 bits a weight read instead of 16, in float32 from the
+GGUF's exact values (the dense copy rounds them to bfloat16 first).
 
 Where the kernel pays, measured on the AVX-512 BF16 machine (one thread, a
 1536 x 576 projection): in bfloat16 it takes 0.08 ms for 1 row against 0.17
@@ -41,6 +45,32 @@ import torch
 GROUP = 32
 Q4_TYPES = ("Q4_0", "Q4_1")
 INT4_MAX_ROWS = 4   # above this the dense GEMM is faster on the CPUs measured (module doc)
+Q8_MAX_ROWS = 4     # the same for the Q8_0 LM head (docs/cpu.md)
+
+
+@dataclass
+class Int8Weight:
+    """A [out, in] Q8_0 weight as the GGUF stores it: int8 values ``q`` [N, K] and a
+    float32 scale per (row, block of 32) ``scale`` [N, K // 32]; w = scale * q."""
+    q: torch.Tensor
+    scale: torch.Tensor
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 weight (a reference for tests)."""
+        n, k = self.q.shape
+        return (self.q.view(n, k // GROUP, GROUP).float() * self.scale[..., None]).view(n, k)
+
+
+def q8_from_gguf(data: np.ndarray, shape: tuple[int, int]) -> Int8Weight:
+    """A Q8_0 tensor's raw blocks (a float16 scale and 32 int8 values each) as an
+    :class:`Int8Weight`."""
+    n, k = shape
+    if k % GROUP:
+        raise ValueError(f"weights: a Q8_0 row of {k} values is not whole blocks of 32")
+    blocks = np.ascontiguousarray(data, dtype=np.uint8).reshape(n, k // GROUP, 34)
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    q = blocks[..., 2:].copy().view(np.int8).reshape(n, k)
+    return Int8Weight(torch.from_numpy(q), torch.from_numpy(d).contiguous())
 
 
 @dataclass

@@ -24,8 +24,10 @@ def _attend(i, q, k, v):
 
 
 def test_one_row_logits_within_bf16_rounding_of_the_dequantised_weights(bf16, prompts):
-    """A one-token step goes through the int4 kernel in every projection."""
+    """A one-token step goes through the int4 kernel in every projection, and the LM head
+    through the GGUF's own Q8_0 values (the dense model's: those rounded to bf16)."""
     dense, int4 = (m.engine.executor.model for m in bf16)
+    assert int4.lm_head_q8 is not None and dense.lm_head_q8 is None
     worst = 0.0
     for p in prompts:
         args = (torch.tensor(p[:1]), torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long), _attend)
@@ -47,7 +49,7 @@ def test_one_stream_greedy_tokens_agree_with_the_dequantised_model_up_to_near_ti
     for p in prompts[:4]:
         a = int4.generate({"prompt_token_ids": p}, sp)[0].token_ids
         b = dense.generate({"prompt_token_ids": p}, sp)[0].token_ids
-        assert a[0] == b[0]   # from the prefill, whose GEMMs are the same
+        assert a[0] == b[0]   # from the prefill, whose projections' GEMMs are the same
         n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(b))
         if n < len(b):
             ids = p + b[:n]

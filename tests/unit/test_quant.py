@@ -62,3 +62,31 @@ def test_the_int4_kernel_serves_small_bf16_matmuls_and_the_dense_copy_the_rest()
     assert calls == [1, 4]
     f32 = from_gguf(raw, "Q4_1", (64, 128)).prepare("cpu", torch.float32, torch.float32)
     assert f32._packed is None  # float32: the dense copy, exactly weights="dense"
+
+
+def test_q8_0_blocks_and_the_q8_linear_kernel():
+    """A Q8_0 LM head kept as it is: the values are exactly gguf's dequantisation, and the
+    fused_ops kernel's logits are theirs in float32 (bf16 and float32 rows, 1 to 5 of them,
+    a row count that is not a multiple of the kernel's threads)."""
+    import shutil
+
+    from hetis.model import cpu_kernels
+    from hetis.model.quant import q8_from_gguf
+    if not cpu_kernels.supports(torch.empty(1), "fused_ops"):
+        assert shutil.which("g++") is None and shutil.which("c++") is None, "a compiler is here: it must build"
+        pytest.skip("no C++ compiler: the LM head stays dense")
+    rng = np.random.default_rng(1)
+    n, k = 301, 192
+    raw = rng.integers(0, 256, (n, k // 32, 34), dtype=np.uint8)
+    raw[..., :2] = rng.uniform(-0.05, 0.05, (n, k // 32, 1)).astype(np.float16).view(np.uint8)
+    raw = raw.reshape(n, -1)
+    want = np.asarray(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.Q8_0), dtype=np.float32).reshape(n, k)
+    w = q8_from_gguf(raw, (n, k))
+    assert w.q.dtype == torch.int8 and np.array_equal(w.dequantize().numpy(), want)
+    for dtype in (torch.float32, torch.bfloat16):
+        for rows in (1, 2, 5):
+            x = torch.randn(rows, k).to(dtype)
+            got = cpu_kernels.q8_linear(x, w.q, w.scale)
+            ref = x.float() @ torch.from_numpy(want).t()
+            assert got.dtype == torch.float32 and got.shape == (rows, n)
+            assert torch.allclose(got, ref, rtol=1e-5, atol=1e-5), (got - ref).abs().max()

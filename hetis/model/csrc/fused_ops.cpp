@@ -11,7 +11,13 @@
 // Built and loaded by hetis/model/cpu_kernels.py (-ffp-contract=off: no fused
 // multiply-add where PyTorch rounds the product); called through ctypes.
 #include <cmath>
+#include <algorithm>
 #include <cstdint>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include "bf16.h"
 
@@ -100,6 +106,52 @@ void silu_mul(const T* gu, int64_t gs, T* out, int64_t n, int64_t m, int threads
     }
 }
 
+// out[m, n] = sum_b d[n, b] * sum_j q[n, 32 b + j] * x[m, 32 b + j] in float32: x [M, K]
+// against a Q8_0 weight (int8 values, a float32 scale per row and block of 32) as the
+// GGUF stores it, for the LM head of a few decode rows: 8.5 bits a weight read, not 16.
+// Not a PyTorch operation's rounding to match: float32 throughout, the logits unrounded.
+template <typename T>
+void q8_linear(const T* x, const int8_t* q, const float* d, float* out, int64_t M, int64_t N,
+               int64_t K, int threads) {
+    const int64_t nb = K / 32;
+    std::vector<float> xf(M * K);
+    for (int64_t i = 0; i < M * K; ++i) xf[i] = load(x, i);
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && N > 256)
+    for (int64_t n = 0; n < N; ++n) {
+        const int8_t* qr = q + n * K;
+        const float* dr = d + n * nb;
+#if defined(__AVX512F__)
+        for (int64_t m0 = 0; m0 < M; m0 += 4) {   // up to 4 rows per pass: each block widened once
+            const int64_t mm = std::min<int64_t>(4, M - m0);
+            __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+            for (int64_t b = 0; b < nb; ++b) {
+                const int8_t* qb = qr + b * 32;
+                const __m512 sc = _mm512_set1_ps(dr[b]);
+                const __m512 q0 = _mm512_mul_ps(sc, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)qb))));
+                const __m512 q1 = _mm512_mul_ps(sc, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(qb + 16)))));
+                for (int64_t m = 0; m < mm; ++m) {
+                    const float* xb = xf.data() + (m0 + m) * K + b * 32;
+                    acc[m] = _mm512_fmadd_ps(q0, _mm512_loadu_ps(xb), acc[m]);
+                    acc[m] = _mm512_fmadd_ps(q1, _mm512_loadu_ps(xb + 16), acc[m]);
+                }
+            }
+            for (int64_t m = 0; m < mm; ++m) out[(m0 + m) * N + n] = _mm512_reduce_add_ps(acc[m]);
+        }
+#else
+        for (int64_t m = 0; m < M; ++m) {
+            const float* xr = xf.data() + m * K;
+            float acc = 0.f;
+            for (int64_t b = 0; b < nb; ++b) {
+                float t = 0.f;
+                for (int64_t j = 0; j < 32; ++j) t += static_cast<float>(qr[b * 32 + j]) * xr[b * 32 + j];
+                acc += dr[b] * t;
+            }
+            out[m * N + n] = acc;
+        }
+#endif
+    }
+}
+
 }  // namespace
 
 #define HETIS_FUSED(SUFFIX, T)                                                                   \
@@ -119,10 +171,14 @@ void silu_mul(const T* gu, int64_t gs, T* out, int64_t n, int64_t m, int threads
     void hetis_silu_mul_##SUFFIX(const T* gu, int64_t gs, T* out, int64_t n, int64_t m,         \
                                  int threads) {                                                  \
         silu_mul(gu, gs, out, n, m, threads);                                                    \
+    }                                                                                            \
+    void hetis_q8_linear_##SUFFIX(const T* x, const int8_t* q, const float* d, float* out,      \
+                                  int64_t m, int64_t n, int64_t k, int threads) {               \
+        q8_linear(x, q, d, out, m, n, k, threads);                                               \
     }
 
 extern "C" {
 HETIS_FUSED(f32, float)
 HETIS_FUSED(bf16, uint16_t)
-int hetis_fused_ops_abi() { return 1; }
+int hetis_fused_ops_abi() { return 2; }
 }
