@@ -11,6 +11,7 @@ from hetis.engine.config import EngineConfig
 from hetis.engine.dispatcher import Device
 from hetis.engine.engine import build_engine
 from hetis.engine.sampling import SamplingParams
+from hetis.model import compute
 from hetis.model.attention import AttentionBackend, profile_attention
 from hetis.model.dense import DenseModel, parse_dtype
 from hetis.model.executor import Executor
@@ -79,6 +80,14 @@ class LLM:
                  num_backends: int | None = None, policy: str | None = None,
                  kv_headroom: int | None = None, rebalance_threshold: float = 0.5,
                  weights: str = "dense", device: str = "cpu"):
+        # built, and later run, on the process's compute thread (hetis/model/compute.py)
+        compute.run(self._build, model, dtype, placement, max_num_seqs, max_num_batched_tokens,
+                    max_model_len, block_size, kv_tokens, num_backends, policy, kv_headroom,
+                    rebalance_threshold, weights, device)
+
+    def _build(self, model, dtype, placement, max_num_seqs, max_num_batched_tokens, max_model_len,
+               block_size, kv_tokens, num_backends, policy, kv_headroom, rebalance_threshold,
+               weights, device) -> None:
         self.dtype = parse_dtype(dtype)
         if policy is not None and policy not in POLICIES:
             raise ValueError(f"policy: must be one of {POLICIES} (got {policy!r})")
@@ -169,7 +178,7 @@ class LLM:
         if use_tqdm:
             from tqdm import tqdm
             bar = tqdm(total=len(seqs), desc="generate", unit="req")
-        self.engine.run_to_completion(bar.update if bar else None)
+        compute.run(self.engine.run_to_completion, bar.update if bar else None)
         if bar:
             bar.close()
         outs = []

@@ -37,6 +37,7 @@ from hetis.engine.engine import Engine, StepOutput
 from hetis.engine.instance import Planned
 from hetis.engine.sampling import SamplingParams
 from hetis.engine.step import DevicesLost, InstanceLost, StepFailed
+from hetis.model import compute
 
 log = logging.getLogger("hetis.serving")
 
@@ -104,7 +105,8 @@ class ServingLoop:
         self.wake.set()
         self.thread.join(timeout=10)
         for pool in self.pools.values():
-            pool.shutdown(wait=False, cancel_futures=True)
+            if pool is not compute.pool():   # the process's, not this loop's
+                pool.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------ called by handlers
     def add(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
@@ -217,9 +219,10 @@ class ServingLoop:
                 continue
             self.inflight[id(inst)] = planned
             pool = self.pools.get(id(inst.executor))
-            if pool is None:
-                pool = self.pools[id(inst.executor)] = ThreadPoolExecutor(
-                    1, thread_name_prefix=f"step-{inst.name}")
+            if pool is None:   # an in-process model steps on the compute thread (hetis/model/compute.py)
+                pool = self.pools[id(inst.executor)] = compute.pool() \
+                    if getattr(inst.executor, "on_compute_thread", False) \
+                    else ThreadPoolExecutor(1, thread_name_prefix=f"step-{inst.name}")
             fut = pool.submit(inst.executor.execute, planned.step)
             fut.add_done_callback(lambda f, p=planned: (self.finished.put((p, f)), self.wake.set()))
 

@@ -49,6 +49,7 @@ class Executor:
     model's q/k/v hold only these groups, in order."""
 
     supports_moves = True  # copies migrating head groups' KV (hetis/engine/migration.py)
+    on_compute_thread = True  # the serving loop steps it on hetis/model/compute.py's thread
 
     def __init__(self, model: DenseModel, backends: list, groups: range | None = None):
         self.model, self.backends = model, backends

@@ -54,11 +54,13 @@ def test_the_int4_kernel_serves_small_bf16_matmuls_and_the_dense_copy_the_rest()
     calls = []
     kernel = w.matmul
     w.matmul = lambda x: calls.append(x.shape[0]) or kernel(x)
+    torch.manual_seed(0)
     for rows in (1, 4, 5, 64):
         x = torch.randn(rows, 128, dtype=torch.bfloat16)
         got = linear(x, w)
         ref = torch.nn.functional.linear(x.float(), w.dense.float())
-        assert torch.allclose(got.float(), ref, rtol=2e-2, atol=2e-2)
+        # bf16 results (and the kernel's bf16 intermediates): a few bf16 ulps of the row's scale
+        assert torch.allclose(got.float(), ref, rtol=2e-2, atol=2e-2 * float(ref.abs().max()))
     assert calls == [1, 4]
     f32 = from_gguf(raw, "Q4_1", (64, 128)).prepare("cpu", torch.float32, torch.float32)
     assert f32._packed is None  # float32: the dense copy, exactly weights="dense"
@@ -83,10 +85,12 @@ def test_q8_0_blocks_and_the_q8_linear_kernel():
     want = np.asarray(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.Q8_0), dtype=np.float32).reshape(n, k)
     w = q8_from_gguf(raw, (n, k))
     assert w.q.dtype == torch.int8 and np.array_equal(w.dequantize().numpy(), want)
+    torch.manual_seed(1)
     for dtype in (torch.float32, torch.bfloat16):
         for rows in (1, 2, 5):
             x = torch.randn(rows, k).to(dtype)
             got = cpu_kernels.q8_linear(x, w.q, w.scale)
             ref = x.float() @ torch.from_numpy(want).t()
             assert got.dtype == torch.float32 and got.shape == (rows, n)
-            assert torch.allclose(got, ref, rtol=1e-5, atol=1e-5), (got - ref).abs().max()
+            # float32 sums in another order: within a few ulps of the largest terms
+            assert torch.allclose(got, ref, rtol=1e-5, atol=4e-6 * float(ref.abs().max())), (got - ref).abs().max()

@@ -1,0 +1,38 @@
+"""The one thread a process's tensor work runs on (``hetis-compute``).
+
+PyTorch's CPU operations run their parallel parts on OpenMP (libgomp), and libgomp
+keeps a separate team of worker threads for every thread that has started a parallel
+region. Once a process holds more OpenMP threads than it has cores, libgomp stops
+spinning between regions (GOMP_SPINCOUNT's throttle: 100 spins instead of 300 000), so
+every region then pays a futex wake-up of its workers; a decode step has hundreds of
+regions. Loading the model on one thread and stepping it on another is enough: one
+SmolLM2-135M stream through ``hetis bench --engine local`` took 25 ms a token that way
+against 15 ms with both on one thread (2 cores, 2 torch threads; docs/cpu.md).
+
+So ``hetis.LLM`` builds its model and runs ``generate``/``chat`` here, and the serving
+loop runs local executors' steps here: one OpenMP team per process. ``run`` is
+re-entrant (called on this thread it just calls).
+"""
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+NAME = "hetis-compute"
+_pool = ThreadPoolExecutor(1, thread_name_prefix=NAME)
+
+
+def pool() -> ThreadPoolExecutor:
+    """The single-thread executor itself (for ``submit``)."""
+    return _pool
+
+
+def on_compute_thread() -> bool:
+    return threading.current_thread().name.startswith(NAME)
+
+
+def run(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` on the compute thread; its result, or its exception raised here."""
+    if on_compute_thread():
+        return fn(*args, **kwargs)
+    return _pool.submit(fn, *args, **kwargs).result()
