@@ -10,6 +10,7 @@ from hetis.mesh import wire
 from hetis.mesh.dense_worker import BackendsLost, ConnectFailed, DenseWorker, StepAbandoned
 from hetis.mesh.flags import DenseWorkerConfig, apply_threads, check_device
 from hetis.mesh.service import serve_worker, setup_logging
+from hetis.model import compute
 from hetis.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger("hetis.dense_worker")
@@ -44,7 +45,7 @@ class DenseWorkerServicer(worker_pb2_grpc.DenseWorkerServicer):
         try:
             # a step whose caller gave up while it waited for the worker (the router timed
             # out and recovers its sequences elsewhere) must not run late
-            toks, t = self.worker.execute(step, still_wanted=ctx.is_active)
+            toks, t = compute.run(self.worker.execute, step, still_wanted=ctx.is_active)
         except BackendsLost as e:  # the router recovers: it reads which backends from metadata
             ctx.set_trailing_metadata(((wire.LOST_BACKENDS_KEY, wire.backends_to_metadata(e.backends)),))
             ctx.abort(grpc.StatusCode.UNAVAILABLE, f"step {req.step_id}: {e}")
@@ -66,7 +67,8 @@ def run(cfg: DenseWorkerConfig) -> None:
     apply_threads(cfg.threads)
     check_device(cfg.device)
     try:
-        worker = DenseWorker(cfg)
+        # built and stepped on one thread: one OpenMP team in the process (hetis/model/compute.py)
+        worker = compute.run(DenseWorker, cfg)
     except ValueError as e:  # e.g. "tp: must be between 1 and ..."
         raise SystemExit(f"dense worker: --{e}") from None
     impl = DenseWorkerServicer(worker)
