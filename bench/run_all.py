@@ -274,15 +274,14 @@ def main(argv=None) -> int:
         # a partial re-run updates only its parts of the last full summary
         old = json.loads((out_dir / "summary.json").read_text())
         if old.get("quick") == args.quick:
-            kept = {"engine_vs_hf": (), "mesh_vs_engine": ("mesh_step_breakdown",),
-                    "step_vs_matmul": ("step_vs_matmul_detail",), "gemm_floor": ("engine_vs_gemm_floor",
-                                                                                  "gemm_floor_detail"),
+            kept = {"engine_vs_hf": ("engine_vs_hf",),   # each part's keys in the summary
+                    "mesh_vs_engine": ("mesh_vs_engine", "mesh_step_breakdown"),
+                    "step_vs_matmul": ("step_vs_matmul", "step_vs_matmul_detail"),
+                    "gemm_floor": ("engine_vs_gemm_floor", "gemm_floor_detail"),
                     "sim_vs_real": ("sim_vs_real_error", "sim_vs_real_runs")}
             for part, keys in kept.items():
                 if part not in parts:
-                    for k in (part if part in summary else None, *keys):
-                        if k and k in old:
-                            summary[k] = old[k]
+                    summary.update({k: old[k] for k in keys if k in old})
             summary["throughputs"] = {**old.get("throughputs", {}), **summary["throughputs"]}
             summary["errors"] = {**{k: v for k, v in old.get("errors", {}).items() if k not in parts},
                                  **summary["errors"]}

@@ -73,6 +73,7 @@ class LLM:
             within rounding of the dequantised weights: hetis/model/quant.py).
     """
 
+    @compute.on_compute   # built, and later run, on the process's compute thread (hetis/model/compute.py)
     def __init__(self, model: str | None = None, dtype: str = "float32", placement=None,
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 1024,
                  max_model_len: int = 2048, block_size: int = 16,
@@ -80,14 +81,6 @@ class LLM:
                  num_backends: int | None = None, policy: str | None = None,
                  kv_headroom: int | None = None, rebalance_threshold: float = 0.5,
                  weights: str = "dense", device: str = "cpu"):
-        # built, and later run, on the process's compute thread (hetis/model/compute.py)
-        compute.run(self._build, model, dtype, placement, max_num_seqs, max_num_batched_tokens,
-                    max_model_len, block_size, kv_tokens, num_backends, policy, kv_headroom,
-                    rebalance_threshold, weights, device)
-
-    def _build(self, model, dtype, placement, max_num_seqs, max_num_batched_tokens, max_model_len,
-               block_size, kv_tokens, num_backends, policy, kv_headroom, rebalance_threshold,
-               weights, device) -> None:
         self.dtype = parse_dtype(dtype)
         if policy is not None and policy not in POLICIES:
             raise ValueError(f"policy: must be one of {POLICIES} (got {policy!r})")

@@ -13,12 +13,11 @@ All LPs by HiGHS; the Nash welfare (concave) by tangent cutting planes, also LPs
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 
 import numpy as np
 import scipy.sparse as sp
 
-from .ceei import NashWelfare, _ceei_polish
+from .ceei import NashWelfare
 from .lp import block_rows, solve_lp, utility_rows
 from .problem import Allocation, Problem, best_within_cap, equal_share_values, merged
 
@@ -71,39 +70,23 @@ def partial_allocation(p: Problem, rel_tol: float = 1e-10) -> Allocation:
     t0 = time.perf_counter()
     q, group = merged(p)
     nw = NashWelfare(q)
-    big = nw.solve()
-    exact, polished = None, 0
-    if not np.isfinite(q.caps).any():
-        exact = _ceei_polish(q, big, 1e-6)
-        if exact is not None:
-            big = exact
+    big = nw.solve(rel_tol=rel_tol)
     logu = np.log(np.maximum((q.speedup * big).sum(axis=1), 1e-300))
     per_weight = np.where(np.isfinite(q.caps), q.caps / q.weights, np.inf)
+    fin = np.isfinite(per_weight)
     frac = np.ones(p.n)
     done: dict[tuple[int, float], float] = {}
     for i in range(p.n):
         g, w = int(group[i]), float(p.weights[i])
         if (g, w) not in done:
             rest = q.weights.copy()
-            rest[g] = max(rest[g] - w, 0.0) if rest[g] - w > 1e-12 * rest[g] else 0.0
+            rest[g] = rest[g] - w if rest[g] - w > 1e-12 * rest[g] else 0.0
             if not rest.any():
                 done[(g, w)] = 1.0
                 continue
-            xs = None
-            if exact is not None:      # no caps: the same equilibrium edges, one LP (ceei._ceei_polish)
-                keep = rest > 0
-                sub = replace(q, tenants=tuple(np.array(q.tenants)[keep]), weights=rest[keep],
-                              throughput=q.throughput[keep], caps=q.caps[keep])
-                y = _ceei_polish(sub, exact[keep], 1e-9)
-                if y is not None:
-                    xs = np.zeros_like(big)
-                    xs[keep] = y
-                    polished += 1
-            if xs is None:
-                caps = np.full(q.n, np.inf)
-                fin = np.isfinite(per_weight)
-                caps[fin] = per_weight[fin] * rest[fin]
-                xs = nw.solve(rest, caps, rel_tol=rel_tol, keep_cuts=False)
+            caps = np.full(q.n, np.inf)
+            caps[fin] = per_weight[fin] * rest[fin]
+            xs = nw.solve(rest, caps, rel_tol=rel_tol, keep_cuts=False)
             logs = np.log(np.maximum((q.speedup * xs).sum(axis=1), 1e-300))
             others = np.arange(q.n) != g
             e = rest[others] @ (logu[others] - logs[others])
@@ -112,8 +95,7 @@ def partial_allocation(p: Problem, rel_tol: float = 1e-10) -> Allocation:
             done[(g, w)] = min(1.0, float(np.exp(e / w)))
         frac[i] = done[(g, w)]
     x = big[group] * (p.weights / q.weights[group])[:, None]
-    return _timed("partial-allocation", t0, x * frac[:, None], fractions=frac.tolist(), programs=len(done) + 1,
-                  polished=polished)
+    return _timed("partial-allocation", t0, x * frac[:, None], fractions=frac.tolist(), programs=len(done) + 1)
 
 
 BASELINES = {"max-min": max_min_perf, "throughput-sum": throughput_sum, "equal": equal_split,

@@ -12,11 +12,10 @@ from __future__ import annotations
 import math
 import time
 
+import highspy
 import numpy as np
 import scipy.sparse as sp
 from scipy.optimize import linprog
-
-import highspy
 
 from .lp import HIGHS, LP, block_rows, utility_rows
 from .problem import Allocation, Problem, equal_share_values
@@ -27,8 +26,8 @@ class NashWelfare:
     z_i <= log u + (U_i - u)/u of log at the current utilities, each step a re-solve of
     one HiGHS model (`LP`). The cuts bound log whatever the weights, so the model can be
     re-solved for other weights and caps of the same tenants (`solve`), a weight of 0
-    leaving the tenant out: partial allocation's n + 1 programs share it, each starting
-    from the first one's cuts (those it adds are deleted after it).
+    leaving the tenant out: partial allocation's leave-one-out programs share it, each
+    starting from the first one's cuts (those it adds are deleted after it).
 
     Every LP maximises sum_i w_i min_cuts(...), a strictly increasing function of U, so
     its solution is Pareto efficient whatever the remaining gap; the gap (z_i - log U_i

@@ -15,6 +15,7 @@ re-entrant (called on this thread it just calls).
 """
 from __future__ import annotations
 
+import functools
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -36,3 +37,11 @@ def run(fn, *args, **kwargs):
     if on_compute_thread():
         return fn(*args, **kwargs)
     return _pool.submit(fn, *args, **kwargs).result()
+
+
+def on_compute(fn):
+    """Decorator: the function always runs on the compute thread (``run``)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        return run(fn, *args, **kwargs)
+    return wrapper

@@ -50,8 +50,7 @@ def test_a_warm_re_solve_after_one_change_starts_from_the_previous_rows(big):
 
 
 # partial allocation: one Nash-welfare program per distinct (profile, weight), about 250 at
-# 1000 x 8: 11-18 s
-# (docs/allocator.md), too long for the suite; bench/allocator_bench.py measures it
+# 1000 x 8, 11-18 s (docs/allocator.md): too long for the suite; bench/allocator_bench.py times it
 @pytest.mark.parametrize("mode", [m for m in MODES if m not in ("cooperative", "partial-allocation")])
 def test_every_other_mode_scales_to_1000_tenants(big, mode):
     t0 = time.perf_counter()

@@ -10,8 +10,8 @@
 //
 // Built and loaded by hetis/model/cpu_kernels.py (-ffp-contract=off: no fused
 // multiply-add where PyTorch rounds the product); called through ctypes.
-#include <cmath>
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
