@@ -26,6 +26,7 @@ from hetis.mesh.discovery import Registration, Residency
 from hetis.mesh.flags import WorkerConfig, describe_device
 from hetis.mesh.tensor_path import (ATTN, CHANNEL_TIMEOUT, AttentionLoop, connect_store,
                                     open_channel)
+from hetis.model import compute
 from hetis.model.attention import AttentionBackend, profile_attention
 from hetis.model.dense import DTYPES
 
@@ -75,12 +76,11 @@ class AttentionWorker:
                 raise InAnotherGroup(f"this worker's KV cache holds {self.shape}; a dense worker "
                                      f"asked for {shape}: restart this worker to serve another model")
             if self.kv is None:
-                num_blocks = max(1, self.cfg.kv_tokens // shape.block_size)
-                first = AttentionBackend(shape.num_layers, num_blocks, shape.block_size,
-                                         shape.head_dim, shape.q_per_group, DTYPES[shape.dtype],
-                                         self.device)
-                self.cost = profile_attention(first)  # before anything lives in the cache
-                self.kv, self.shape = first.store, shape
+                # on a thread of its own that ends here: the store's fill and the profile run
+                # parallel regions, and a gRPC thread that ran them would keep an OpenMP team
+                # beside the loop's for the process's life (hetis/model/compute.py)
+                self.kv, self.cost = compute.run_on_fresh_thread(self._allocate, shape)
+                self.shape = shape
                 self.residency = Residency(shape.block_size)
             backend = AttentionBackend(shape.num_layers, 0, shape.block_size, shape.head_dim,
                                        shape.q_per_group, DTYPES[shape.dtype], self.device,
@@ -110,6 +110,13 @@ class AttentionWorker:
             log.info("joined tensor channel %s of %s:%d (%s); %d channels; cost %.3g s/token, "
                      "%.3g s/group", rv.group_id, rv.master_addr, rv.master_port, rv.backend,
                      len(self.loops), *self.cost)
+
+    def _allocate(self, shape: wire.AttentionShape):
+        """The KV store for ``shape`` and its profiled attention cost (before anything lives in it)."""
+        num_blocks = max(1, self.cfg.kv_tokens // shape.block_size)
+        first = AttentionBackend(shape.num_layers, num_blocks, shape.block_size, shape.head_dim,
+                                 shape.q_per_group, DTYPES[shape.dtype], self.device)
+        return first.store, profile_attention(first)
 
     def _run(self, loop: AttentionLoop, group_id: str) -> None:
         try:
