@@ -49,6 +49,9 @@ def _table(out: dict) -> None:
     from rich.table import Table
     types = list(out["gpus"])
     gap = "" if out["optimality_gap"] is None else f", gap {100 * out['optimality_gap']:.2f} %"
+    if out.get("implementable") is not None:    # multi-GPU jobs (jobs.py)
+        gap += (f", a mix of feasible rounds, SI fraction {out['si_fraction']:.3f}" if out["implementable"]
+                else ", job-blind: the rounds may not reach it")
     table = Table(title=f"{out['mode']} allocation — efficiency {out['efficiency']:.3f} ({out['stage']}{gap})")
     table.add_column("tenant")
     for g in types:
@@ -70,12 +73,13 @@ def run(args) -> int:
         print(f"hetis allocate: {args.file}: {e.strerror}", file=sys.stderr)
         return 2
     try:
-        problem, _ = load(text, "<stdin>" if args.file == "-" else args.file)
+        problem, specs = load(text, "<stdin>" if args.file == "-" else args.file)
     except (SpecError, ValueError) as e:
         print(f"hetis allocate: {e}", file=sys.stderr)
         return 2
     try:
-        alloc = modes.allocate(problem, args.mode, time_limit=args.time_limit)
+        alloc = modes.allocate(problem, args.mode, time_limit=args.time_limit,
+                               jobs={t.name: t.jobs for t in specs if t.jobs})
     except RuntimeError as e:
         print(f"hetis allocate: {e}", file=sys.stderr)
         return 1

@@ -81,12 +81,36 @@ class LP:
         self.rows = 0
         self.add(a, b)
 
-    def add(self, a: sp.csr_matrix, b: np.ndarray) -> None:
+    def add(self, a: sp.csr_matrix, b: np.ndarray, lower: np.ndarray | None = None) -> None:
+        """Rows lower <= a x <= b (lower -inf unless given: ``lower=b`` is an equality)."""
         a = sp.csr_matrix(a)
         if a.shape[0]:
-            self.h.addRows(a.shape[0], np.full(a.shape[0], -highspy.kHighsInf), np.asarray(b, dtype=float), a.nnz,
+            lo = np.full(a.shape[0], -highspy.kHighsInf) if lower is None else np.asarray(lower, dtype=float)
+            self.h.addRows(a.shape[0], lo, np.asarray(b, dtype=float), a.nnz,
                            a.indptr.astype(np.int32), a.indices.astype(np.int32), a.data.astype(float))
             self.rows += a.shape[0]
+
+    def add_cols(self, cost: np.ndarray, a: sp.csc_matrix, upper: np.ndarray | None = None) -> None:
+        """Columns >= 0 (<= ``upper``) with entries ``a`` (rows x new columns) in the rows there are."""
+        a = sp.csc_matrix(a)
+        k = a.shape[1]
+        if k:
+            hi = np.full(k, highspy.kHighsInf) if upper is None else np.asarray(upper, dtype=float)
+            self.h.addCols(k, np.asarray(cost, dtype=float), np.zeros(k), hi, a.nnz, a.indptr.astype(np.int32),
+                           a.indices.astype(np.int32), a.data.astype(float))
+
+    @property
+    def cols(self) -> int:
+        return int(self.h.getNumCol())
+
+    def set_cost(self, c: np.ndarray) -> None:
+        self.h.changeColsCost(len(c), np.arange(len(c), dtype=np.int32), np.asarray(c, dtype=float))
+
+    def set_bounds(self, col: int, lower: float, upper: float) -> None:
+        self.h.changeColBounds(col, float(lower), float(upper))
+
+    def row_duals(self) -> np.ndarray:
+        return np.asarray(self.h.getSolution().row_dual)
 
     def delete(self, rows: np.ndarray) -> None:
         if len(rows):

@@ -26,11 +26,14 @@ def solver(mode: str) -> Callable[[Problem], Allocation]:
     return BASELINES[mode]
 
 
-def allocate(p: Problem, mode: str, time_limit: float | None = None, warm: list | None = None) -> Allocation:
-    """``time_limit`` (seconds) and ``warm`` (an earlier result's ``info["warm"]``) are
-    cooperative's; the other modes have no budget to keep."""
+def allocate(p: Problem, mode: str, time_limit: float | None = None, warm: list | None = None,
+             jobs: dict | None = None) -> Allocation:
+    """``time_limit`` (seconds), ``warm`` (an earlier result's ``info["warm"]``) and ``jobs``
+    (tenant -> [(job id, gpus)]: multi-GPU jobs make x a mix of feasible rounds, jobs.py)
+    are cooperative's; the other modes have no budget to keep and ignore job sizes."""
     if mode == "cooperative":
         from .cooperative import cooperative
         from .lp import TIME_BUDGET
-        return cooperative(p, time_limit=TIME_BUDGET if time_limit is None else time_limit, warm=warm)
+        return cooperative(p, time_limit=TIME_BUDGET if time_limit is None else time_limit, warm=warm,
+                           jobs=jobs)
     return solver(mode)(p)

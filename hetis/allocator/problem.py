@@ -109,14 +109,19 @@ class Allocation:
         (cooperative; "exact" for the other modes, each computed to its own definition),
         ``solver`` (lp, milp, ceei, fpx; else the mode), ``optimality_gap`` (relative: how
         far the efficiency may be below the SI+EF optimum; None if unknown or not
-        applicable) and ``pareto_efficient`` (None if not checked)."""
+        applicable), ``pareto_efficient`` (None if not checked), and with multi-GPU jobs
+        ``implementable`` (x is a mix of feasible rounds: True; the job-blind x: False;
+        None without such jobs) and ``si_fraction`` (the common fraction t of the
+        equal-share utility guaranteed; 1 is SI; None without such jobs; jobs.py)."""
         info = self.info
+        jobs = {"implementable": info.get("implementable"), "si_fraction": info.get("si_fraction")}
         if self.mode != "cooperative" or "stage" not in info:
-            return {"stage": "exact", "solver": self.mode, "optimality_gap": None, "pareto_efficient": None}
+            return {"stage": "exact", "solver": self.mode, "optimality_gap": None, "pareto_efficient": None, **jobs}
         pe = info.get("pareto_efficient", True if "pareto_gain_lp" in info else None)
         gap = info.get("gap")
-        return {"stage": STAGES[info["stage"]], "solver": "fpx" if info["stage"] == "fallback" else info["stage"],
-                "optimality_gap": None if gap is None else float(gap), "pareto_efficient": pe}
+        solver = "fpx" if info["stage"] == "fallback" else "colgen" if info.get("implementable") else info["stage"]
+        return {"stage": STAGES[info["stage"]], "solver": solver,
+                "optimality_gap": None if gap is None else float(gap), "pareto_efficient": pe, **jobs}
 
 
 def groups(p: Problem) -> tuple[np.ndarray, np.ndarray]:

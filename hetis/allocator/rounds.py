@@ -22,8 +22,8 @@ unit increments of weight (D - k + 1/2) / max(x, 1), concave, so the LP relaxati
 takes them in order. A job that stays on its type earns a small bonus (no move).
 This reaches any x that is a mix of feasible integer rounds (tested); an x outside
 that hull (e.g. a tenant whose 7 GPUs of jobs must all run on a type that another
-tenant's 8-GPU job needs a quarter of the time) cannot be reached by any schedule,
-and the LP that produces x does not know about job sizes (docs/allocator.md, Rounds).
+tenant's 8-GPU job needs a quarter of the time) cannot be reached by any schedule;
+given the jobs, cooperative keeps x within that hull (jobs.py; docs/allocator.md, Rounds).
 """
 from __future__ import annotations
 

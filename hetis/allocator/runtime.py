@@ -92,7 +92,7 @@ class Snapshot:
         if self.problem is None:
             return None
         with SOLVE.labels(mode).time():
-            return allocate(self.problem, mode, self.time_limit, warm)
+            return allocate(self.problem, mode, self.time_limit, warm, self.jobs)
 
     def require(self, tenants) -> None:
         """NotFound for the first of ``tenants`` that is not in the problem."""

@@ -76,7 +76,8 @@ def allocation_to_pb(snap: Snapshot, mode: str, alloc: Allocation | None) -> pb.
 def outcome_to_pb(alloc: Allocation) -> pb.Outcome:
     o = alloc.outcome()
     return pb.Outcome(stage=o["stage"], solver=o["solver"], optimality_gap=o["optimality_gap"],
-                      pareto_efficient=o["pareto_efficient"])
+                      pareto_efficient=o["pareto_efficient"], implementable=o["implementable"],
+                      si_fraction=o["si_fraction"])
 
 
 def explain_to_pb(snap: Snapshot, mode: str, alloc: Allocation | None, tenants) -> pb.ExplainResponse:

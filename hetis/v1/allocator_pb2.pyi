@@ -146,16 +146,20 @@ class Allocation(_message.Message):
     def __init__(self, mode: _Optional[str] = ..., version: _Optional[int] = ..., tenants: _Optional[_Iterable[_Union[TenantAllocation, _Mapping]]] = ..., efficiency: _Optional[float] = ..., inventory: _Optional[_Mapping[str, int]] = ..., solve_seconds: _Optional[float] = ..., outcome: _Optional[_Union[Outcome, _Mapping]] = ...) -> None: ...
 
 class Outcome(_message.Message):
-    __slots__ = ("stage", "solver", "optimality_gap", "pareto_efficient")
+    __slots__ = ("stage", "solver", "optimality_gap", "pareto_efficient", "implementable", "si_fraction")
     STAGE_FIELD_NUMBER: _ClassVar[int]
     SOLVER_FIELD_NUMBER: _ClassVar[int]
     OPTIMALITY_GAP_FIELD_NUMBER: _ClassVar[int]
     PARETO_EFFICIENT_FIELD_NUMBER: _ClassVar[int]
+    IMPLEMENTABLE_FIELD_NUMBER: _ClassVar[int]
+    SI_FRACTION_FIELD_NUMBER: _ClassVar[int]
     stage: str
     solver: str
     optimality_gap: float
     pareto_efficient: bool
-    def __init__(self, stage: _Optional[str] = ..., solver: _Optional[str] = ..., optimality_gap: _Optional[float] = ..., pareto_efficient: _Optional[bool] = ...) -> None: ...
+    implementable: bool
+    si_fraction: float
+    def __init__(self, stage: _Optional[str] = ..., solver: _Optional[str] = ..., optimality_gap: _Optional[float] = ..., pareto_efficient: _Optional[bool] = ..., implementable: _Optional[bool] = ..., si_fraction: _Optional[float] = ...) -> None: ...
 
 class WatchAllocationRequest(_message.Message):
     __slots__ = ()

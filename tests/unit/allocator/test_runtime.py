@@ -129,9 +129,18 @@ def test_the_outcome_says_which_stage_produced_the_allocation(rt):
     populate(rt)
     snap, alloc = rt.solve()
     msg = wire.allocation_to_pb(snap, snap.mode, alloc)
+    # bob's job takes 2 GPUs at once: x is solved among the mixes of feasible rounds (jobs.py)
+    assert msg.outcome.stage == "fair_optimum" and msg.outcome.solver == "colgen"
+    assert msg.outcome.implementable and msg.outcome.si_fraction == pytest.approx(1.0)
+    assert msg.outcome.HasField("optimality_gap") and msg.outcome.optimality_gap == 0
+    assert not msg.outcome.HasField("pareto_efficient")          # not checked on this path
+    rt.upsert_tenant(wire.tenant_from_pb(pb.UpsertTenantRequest(tenant=pb.Tenant(
+        name="bob", job_type="ResNet-50 (batch size 64)", jobs=[pb.Job(id="train", gpus=1)]))))
+    snap, alloc = rt.solve()
+    msg = wire.allocation_to_pb(snap, snap.mode, alloc)         # 1-GPU jobs: the job-blind stages
     assert msg.outcome.stage in ("fair_optimum", "pareto_refinement") and msg.outcome.solver in ("lp", "milp", "ceei")
     assert msg.outcome.HasField("optimality_gap") and 0 <= msg.outcome.optimality_gap < 0.5
-    assert msg.outcome.pareto_efficient
+    assert msg.outcome.pareto_efficient and not msg.outcome.HasField("implementable")
     ex = wire.explain_to_pb(snap, snap.mode, alloc, [])
     assert ex.outcome == msg.outcome
     other = wire.allocation_to_pb(snap, "equal", rt.solve("equal")[1]).outcome
