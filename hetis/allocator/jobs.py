@@ -92,7 +92,6 @@ class _Master:
     def add_configs(self, configs: list[np.ndarray]) -> None:
         if not configs:
             return
-        nl = len(self.J) * self.p.m
         cols = []
         for a in configs:
             v = a.ravel().astype(float)
@@ -101,7 +100,6 @@ class _Master:
                                        np.zeros(len(nz) + 1, dtype=int))), shape=(self.lp.rows, 1)))
         self.lp.add_cols(np.zeros(len(configs)), sp.hstack(cols).tocsc())
         self.configs.extend(configs)
-        assert nl == len(self.J) * self.p.m
 
     def reduced_cost_weights(self) -> tuple[np.ndarray, float]:
         """(y, mu): a configuration A has reduced cost sum(y * A) - mu (HiGHS: d = c - a.row_dual)."""
@@ -186,7 +184,7 @@ def implementable(p: Problem, jobs: dict, deadline: float = math.inf, max_refine
 
     def converge() -> np.ndarray | None:
         """Solve, add violated EF rows and improving configurations until neither is left."""
-        nonlocal cuts, proved, lam
+        nonlocal cuts, proved
         while True:
             z = lp.solve(deadline)
             if z is None:
