@@ -37,7 +37,7 @@ AGE = 2           # an EF row slack this many LP rounds in a row leaves the LP (
 KEEP_AFTER = 60   # LP rounds after which no row leaves any more (so the loop terminates)
 JOBS_SHARE = 0.7  # of the time limit, for the implementable solve when there are multi-GPU jobs
 # above this many tenants the implementable solve is not tried (it does not scale yet: 30 x 8
-# in 0.13 s, 100 x 8 not within 2 minutes; jobs.py has no row ageing or merging), and the
+# in 0.13 s, 100 x 8 not within 2 minutes: docs/allocator.md, Rounds), and the
 # result is the job-blind one with info["implementable"] False
 JOBS_MAX_TENANTS = 50
 FINISH_SECONDS = 0.15  # of the time limit, kept for splitting merged tenants and the checks after stage 3
