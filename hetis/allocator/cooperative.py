@@ -19,7 +19,6 @@ import scipy.sparse as sp
 
 from .jobs import implementable, job_sizes
 from .lp import (
-    CUTS_PER_TENANT,
     LP,
     TIME_BUDGET,
     TOL,
@@ -28,6 +27,7 @@ from .lp import (
     ef_cut_rows,
     ef_violations,
     utility_rows,
+    violated_pairs,
 )
 from .noncooperative import noncooperative
 from .pareto import pareto_stages
@@ -186,12 +186,7 @@ def fair_lp(p: Problem, max_refine: int = 4, deadline: float = math.inf,
             x = np.clip(z.reshape(n, m), 0.0, None)
             if not capped.any():
                 bound = -lp.objective
-            viol = ef_violations(p, x, lam, scale) if n > 1 else np.zeros((n, n))
-            # per envious tenant, only its few most violated pairs: most pairs never bind
-            k = min(CUTS_PER_TENANT, n - 1)
-            worst = np.argpartition(-viol, k - 1, axis=1)[:, :k] if k > 0 else np.zeros((n, 0), dtype=int)
-            new = np.stack([np.repeat(np.arange(n), k), worst.ravel()], axis=1)
-            new = new[viol[new[:, 0], new[:, 1]] > TOL * 10]
+            new = violated_pairs(ef_violations(p, x, lam, scale)) if n > 1 else np.zeros((0, 2), dtype=int)
             if len(new) == 0:
                 break
             if solves < KEEP_AFTER and len(cuts):

@@ -36,30 +36,28 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 
 import numpy as np
 import scipy.sparse as sp
 from scipy.optimize import Bounds, LinearConstraint, milp
 
-from .lp import LP, TOL, block_rows, cut_prices, ef_cut_rows, ef_violations, stdout_to_stderr, utility_rows
+from .lp import (LP, block_rows, cut_prices, ef_cut_rows, ef_violations, stdout_to_stderr, utility_rows,
+                 violated_pairs)
 from .problem import Allocation, Problem, equal_share_values
 
 PRICE_TOL = 1e-9         # a configuration enters when its reduced cost is below -PRICE_TOL (relative)
 PRICE_SECONDS = 1.0      # at most, per pricing MILP
-CUTS_PER_TENANT = 3      # EF rows added per envious tenant and LP round
 
 
 def job_sizes(p: Problem, jobs: dict | None) -> dict[int, dict[int, int]]:
     """{tenant index: {job size: count}} for the tenants with a job of more than one GPU
-    (``jobs``: tenant -> [(job id, gpus)] or [gpus]); empty when there are none."""
-    out: dict[int, dict[int, int]] = {}
+    (``jobs``: tenant -> [(job id, gpus)]); empty when there are none."""
+    out = {}
     for i, t in enumerate(p.tenants):
-        sizes = [j if isinstance(j, (int, np.integer)) else j[1] for j in (jobs or {}).get(t, ())]
+        sizes = Counter(int(g) for _, g in (jobs or {}).get(t, ()))
         if any(g > 1 for g in sizes):
-            by: dict[int, int] = {}
-            for g in sizes:
-                by[int(g)] = by.get(int(g), 0) + 1
-            out[i] = by
+            out[i] = dict(sizes)
     return out
 
 
@@ -191,13 +189,7 @@ def implementable(p: Problem, jobs: dict, deadline: float = math.inf, max_refine
                 return None
             stats["lp_solves"] += 1
             x = np.clip(z[:mst.nx].reshape(n, m), 0.0, None)
-            viol = ef_violations(p, x, lam, scale) if n > 1 else np.zeros((n, n))
-            k = min(CUTS_PER_TENANT, n - 1)
-            new = np.zeros((0, 2), dtype=int)
-            if k > 0:
-                worst = np.argpartition(-viol, k - 1, axis=1)[:, :k]
-                new = np.stack([np.repeat(np.arange(n), k), worst.ravel()], axis=1)
-                new = new[viol[new[:, 0], new[:, 1]] > TOL * 10]
+            new = violated_pairs(ef_violations(p, x, lam, scale)) if n > 1 else np.zeros((0, 2), dtype=int)
             if len(new):
                 lp.add(*ef_cut_rows(p, new, lam))
                 cuts = np.concatenate([cuts, new])
@@ -238,7 +230,9 @@ def implementable(p: Problem, jobs: dict, deadline: float = math.inf, max_refine
     # uncapped value, a valid bound at any bundle, so x = 0 is feasible) and are re-priced.
     lam = np.zeros((n, n))
     lp.add(*ef_cut_rows(p, cuts, lam))
-    z, _ = refine(np.eye(1, mst.nx + 1, mst.nx).ravel() * -1.0, lambda z: float(z[mst.nx]))
+    t_cost = np.zeros(mst.nx + 1)
+    t_cost[mst.nx] = -1.0                         # max t
+    z, _ = refine(t_cost, lambda z: float(z[mst.nx]))
     if z is None:
         return None
     t_star = min(1.0, float(z[mst.nx]))

@@ -77,7 +77,7 @@ class LP:
         n = len(c)
         lo = np.zeros(n) if lower is None else np.where(np.isfinite(lower), lower, -highspy.kHighsInf)
         self.h.addVars(n, lo.astype(float), np.full(n, highspy.kHighsInf))
-        self.h.changeColsCost(n, np.arange(n, dtype=np.int32), np.asarray(c, dtype=float))
+        self.set_cost(c)
         self.rows = 0
         self.add(a, b)
 
@@ -90,14 +90,13 @@ class LP:
                            a.indptr.astype(np.int32), a.indices.astype(np.int32), a.data.astype(float))
             self.rows += a.shape[0]
 
-    def add_cols(self, cost: np.ndarray, a: sp.csc_matrix, upper: np.ndarray | None = None) -> None:
-        """Columns >= 0 (<= ``upper``) with entries ``a`` (rows x new columns) in the rows there are."""
+    def add_cols(self, cost: np.ndarray, a: sp.csc_matrix) -> None:
+        """Columns >= 0 with entries ``a`` (rows x new columns) in the rows there are."""
         a = sp.csc_matrix(a)
         k = a.shape[1]
         if k:
-            hi = np.full(k, highspy.kHighsInf) if upper is None else np.asarray(upper, dtype=float)
-            self.h.addCols(k, np.asarray(cost, dtype=float), np.zeros(k), hi, a.nnz, a.indptr.astype(np.int32),
-                           a.indices.astype(np.int32), a.data.astype(float))
+            self.h.addCols(k, np.asarray(cost, dtype=float), np.zeros(k), np.full(k, highspy.kHighsInf), a.nnz,
+                           a.indptr.astype(np.int32), a.indices.astype(np.int32), a.data.astype(float))
 
     @property
     def cols(self) -> int:
@@ -188,6 +187,18 @@ def ef_violations(p: Problem, x: np.ndarray, lam: np.ndarray, scale: np.ndarray)
     v = (bound - (s * x).sum(axis=1)[:, None]) / scale[:, None]
     np.fill_diagonal(v, -np.inf)
     return v
+
+
+def violated_pairs(viol: np.ndarray) -> np.ndarray:
+    """EF pairs (i, k) to add as rows: per envious tenant its CUTS_PER_TENANT most violated
+    (most pairs never bind), those violated beyond the tolerance; ``viol`` from `ef_violations`."""
+    n = len(viol)
+    k = min(CUTS_PER_TENANT, n - 1)
+    if k <= 0:
+        return np.zeros((0, 2), dtype=int)
+    worst = np.argpartition(-viol, k - 1, axis=1)[:, :k]
+    new = np.stack([np.repeat(np.arange(n), k), worst.ravel()], axis=1)
+    return new[viol[new[:, 0], new[:, 1]] > TOL * 10]
 
 
 def cut_prices(p: Problem, x: np.ndarray) -> np.ndarray:
