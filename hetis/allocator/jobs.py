@@ -158,6 +158,58 @@ def _price(p: Problem, J: np.ndarray, sizes: dict[int, dict[int, int]], y: np.nd
     return out, proved
 
 
+def schedule(p: Problem, sizes: dict[int, dict[int, int]], x: np.ndarray, deadline: float = math.inf,
+             tol: float = 1e-7) -> list[tuple[float, np.ndarray]] | None:
+    """A mix of feasible rounds whose mean is x for the job tenants (``sizes``, from
+    `job_sizes`): [(weight, configuration)], weights summing to at most 1 (the rest of the
+    time no multi-GPU job runs), or None when x is out of their reach (or the deadline
+    came first). The divisible tenants need no rounds: any x within the capacity leaves
+    them a mean they can take.
+
+    The phase-1 LP of column generation: min sum(u+ + u-) s.t. sum_c lam_c A_c + u+ - u-
+    = x_J, sum_c lam_c <= 1, configurations priced as in `implementable`; x is reachable
+    iff the optimum is 0 (within ``tol`` of sum(x_J))."""
+    J = np.array(sorted(sizes), dtype=int)
+    k = len(J) * p.m
+    target = x[J].ravel()
+    eye = sp.eye(k, format="csc")
+    # columns u+ (k) | u- (k) | configurations; rows: the k links (equalities) | convexity
+    a = sp.vstack([sp.hstack([eye, -eye]), sp.csr_matrix((1, 2 * k))]).tocsr()
+    lp = LP(np.ones(2 * k), a, np.concatenate([target, [1.0]]))
+    lp.delete(np.arange(k + 1))                 # re-added with the links as equalities
+    lp.add(a[:k], target, lower=target)
+    lp.add(a[k:], np.ones(1))
+    configs: list[np.ndarray] = []
+
+    def add(new: list[np.ndarray]) -> None:
+        cols = []
+        for c in new:
+            v = c.ravel().astype(float)
+            nz = np.flatnonzero(v)
+            cols.append(sp.csc_matrix((np.concatenate([v[nz], [1.0]]), (np.concatenate([nz, [k]]),
+                                       np.zeros(len(nz) + 1, dtype=int))), shape=(k + 1, 1)))
+        lp.add_cols(np.zeros(len(new)), sp.hstack(cols).tocsc())
+        configs.extend(new)
+
+    add(_seed_configs(p, J, sizes))
+    limit = tol * max(1.0, float(target.sum()))
+    while True:
+        z = lp.solve(deadline)
+        if z is None:
+            return None
+        if lp.objective <= limit:
+            break
+        d = lp.row_duals()
+        # a configuration column (+A on the links, 1 on convexity) has reduced cost
+        # -(sum(d_link * A) + d_conv): `_price`'s form with y = -d_link, mu = d_conv
+        c, _ = _price(p, J, sizes, -d[:k].reshape(len(J), p.m), float(d[k]), deadline)
+        if c is None or any(np.array_equal(c, a) for a in configs[-len(J) * p.m:]):
+            return None                          # nothing improves (or degenerate pricing): out of reach
+        add([c])
+    w = z[2 * k:]
+    return [(float(w[c]), configs[c]) for c in np.flatnonzero(w > 1e-12)]
+
+
 def implementable(p: Problem, jobs: dict, deadline: float = math.inf, max_refine: int = 4,
                   warm: list | None = None) -> Allocation | None:
     """The most efficient SI(t)+EF allocation that a schedule of whole jobs reaches (module

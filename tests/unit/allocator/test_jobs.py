@@ -9,7 +9,7 @@ import pytest
 
 from hetis.allocator import cli as allocate_cli
 from hetis.allocator.cooperative import cooperative
-from hetis.allocator.jobs import implementable, job_sizes
+from hetis.allocator.jobs import implementable, job_sizes, schedule
 from hetis.allocator.problem import FAIR_TOL, Problem, ef_slack, equal_share_values, si_slack, utilities
 
 
@@ -96,3 +96,23 @@ def test_above_the_size_limit_the_result_says_it_is_job_blind(monkeypatch):
     alloc = coop.cooperative(p, jobs=jobs)
     assert alloc.outcome()["implementable"] is False and alloc.info["implementable_reason"] == "more than 1 tenants"
     assert np.allclose(alloc.x.ravel(), [6, 6])
+
+
+def test_schedule_tells_a_reachable_x_from_an_unreachable_one():
+    """jobs.schedule: the job-blind [6, 6] of two 8-GPU jobs on 12 GPUs has no mix of
+    feasible rounds; [4, 4] has one (each job half the time), and so has every x that
+    `implementable` returns."""
+    p, jobs = pool({"a100": 12}, [("t0", {"a100": 1.0}, [("big", 8)]), ("t1", {"a100": 1.0}, [("big", 8)])])
+    sizes = job_sizes(p, jobs)
+    assert schedule(p, sizes, np.array([[6.0], [6.0]])) is None
+    mix = schedule(p, sizes, np.array([[4.0], [4.0]]))
+    assert mix is not None and sum(w for w, _ in mix) <= 1 + 1e-9
+    assert np.allclose(sum(w * a for w, a in mix), [[4.0], [4.0]])
+    for _, a in mix:
+        assert a.sum() <= 12 and set(np.unique(a)) <= {0.0, 8.0}
+    q, qjobs = random_pool(1)
+    alloc = cooperative(q, jobs=qjobs)
+    qs = job_sizes(q, qjobs)
+    got = schedule(q, qs, alloc.x)
+    assert got is not None
+    assert np.allclose(sum(w * a for w, a in got), alloc.x[sorted(qs)], atol=1e-6)
