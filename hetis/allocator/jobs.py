@@ -88,15 +88,7 @@ class _Master:
         self.configs: list[np.ndarray] = []   # each (|J|, m) GPUs per job tenant and type
 
     def add_configs(self, configs: list[np.ndarray]) -> None:
-        if not configs:
-            return
-        cols = []
-        for a in configs:
-            v = a.ravel().astype(float)
-            nz = np.flatnonzero(v)
-            cols.append(sp.csc_matrix((np.concatenate([-v[nz], [1.0]]), (np.concatenate([self.link0 + nz, [self.conv]]),
-                                       np.zeros(len(nz) + 1, dtype=int))), shape=(self.lp.rows, 1)))
-        self.lp.add_cols(np.zeros(len(configs)), sp.hstack(cols).tocsc())
+        _add_config_cols(self.lp, configs, self.link0, self.conv)
         self.configs.extend(configs)
 
     def reduced_cost_weights(self) -> tuple[np.ndarray, float]:
@@ -104,6 +96,21 @@ class _Master:
         d = self.lp.row_duals()
         y = d[self.link0:self.link0 + len(self.J) * self.p.m].reshape(len(self.J), self.p.m)
         return y, float(d[self.conv])
+
+
+def _add_config_cols(lp: LP, configs: list[np.ndarray], link0: int, conv: int) -> None:
+    """Each configuration A as a column of ``lp``: -A on the link rows from ``link0`` (one
+    per job tenant and type), 1 on the convexity row ``conv``; cost 0. Its reduced cost is
+    then sum(y * A) - mu with y the link rows' duals and mu the convexity row's (`_price`)."""
+    if not configs:
+        return
+    cols = []
+    for a in configs:
+        v = a.ravel().astype(float)
+        nz = np.flatnonzero(v)
+        cols.append(sp.csc_matrix((np.concatenate([-v[nz], [1.0]]), (np.concatenate([link0 + nz, [conv]]),
+                                   np.zeros(len(nz) + 1, dtype=int))), shape=(lp.rows, 1)))
+    lp.add_cols(np.zeros(len(configs)), sp.hstack(cols).tocsc())
 
 
 def _seed_configs(p: Problem, J: np.ndarray, sizes: dict[int, dict[int, int]]) -> list[np.ndarray]:
@@ -172,26 +179,14 @@ def schedule(p: Problem, sizes: dict[int, dict[int, int]], x: np.ndarray, deadli
     J = np.array(sorted(sizes), dtype=int)
     k = len(J) * p.m
     target = x[J].ravel()
-    eye = sp.eye(k, format="csc")
-    # columns u+ (k) | u- (k) | configurations; rows: the k links (equalities) | convexity
-    a = sp.vstack([sp.hstack([eye, -eye]), sp.csr_matrix((1, 2 * k))]).tocsr()
-    lp = LP(np.ones(2 * k), a, np.concatenate([target, [1.0]]))
-    lp.delete(np.arange(k + 1))                 # re-added with the links as equalities
-    lp.add(a[:k], target, lower=target)
-    lp.add(a[k:], np.ones(1))
-    configs: list[np.ndarray] = []
-
-    def add(new: list[np.ndarray]) -> None:
-        cols = []
-        for c in new:
-            v = c.ravel().astype(float)
-            nz = np.flatnonzero(v)
-            cols.append(sp.csc_matrix((np.concatenate([v[nz], [1.0]]), (np.concatenate([nz, [k]]),
-                                       np.zeros(len(nz) + 1, dtype=int))), shape=(k + 1, 1)))
-        lp.add_cols(np.zeros(len(new)), sp.hstack(cols).tocsc())
-        configs.extend(new)
-
-    add(_seed_configs(p, J, sizes))
+    eye = sp.eye(k, format="csr")
+    # columns u+ (k) | u- (k) | configurations; rows: the k links
+    # -sum_c lam_c A_c - u+ + u- = -x_J (the sign `_add_config_cols` uses) | convexity
+    lp = LP(np.ones(2 * k), sp.csr_matrix((0, 2 * k)), np.zeros(0))
+    lp.add(sp.hstack([-eye, eye]), -target, lower=-target)
+    lp.add(sp.csr_matrix((1, 2 * k)), np.ones(1))
+    configs = _seed_configs(p, J, sizes)
+    _add_config_cols(lp, configs, 0, k)
     limit = tol * max(1.0, float(target.sum()))
     while True:
         z = lp.solve(deadline)
@@ -200,12 +195,11 @@ def schedule(p: Problem, sizes: dict[int, dict[int, int]], x: np.ndarray, deadli
         if lp.objective <= limit:
             break
         d = lp.row_duals()
-        # a configuration column (+A on the links, 1 on convexity) has reduced cost
-        # -(sum(d_link * A) + d_conv): `_price`'s form with y = -d_link, mu = d_conv
-        c, _ = _price(p, J, sizes, -d[:k].reshape(len(J), p.m), float(d[k]), deadline)
-        if c is None or any(np.array_equal(c, a) for a in configs[-len(J) * p.m:]):
+        c, _ = _price(p, J, sizes, d[:k].reshape(len(J), p.m), float(d[k]), deadline)
+        if c is None or any(np.array_equal(c, old) for old in configs):
             return None                          # nothing improves (or degenerate pricing): out of reach
-        add([c])
+        _add_config_cols(lp, [c], 0, k)
+        configs.append(c)
     w = z[2 * k:]
     return [(float(w[c]), configs[c]) for c in np.flatnonzero(w > 1e-12)]
 
