@@ -17,7 +17,7 @@ import time
 import numpy as np
 import scipy.sparse as sp
 
-from .jobs import implementable, job_sizes
+from .jobs import implementable, job_sizes, schedule
 from .lp import (
     LP,
     TIME_BUDGET,
@@ -35,10 +35,15 @@ from .problem import Allocation, Problem, capped_price, efficiency, equal_share_
 
 AGE = 2           # an EF row slack this many LP rounds in a row leaves the LP (it returns if violated)
 KEEP_AFTER = 60   # LP rounds after which no row leaves any more (so the loop terminates)
-JOBS_SHARE = 0.7  # of the time limit, for the implementable solve when there are multi-GPU jobs
-# above this many tenants the implementable solve is not tried (it does not scale yet: 30 x 8
-# in 0.13 s, 100 x 8 not within 2 minutes: docs/allocator.md, Rounds), and the
-# result is the job-blind one with info["implementable"] False
+# with multi-GPU jobs (`_with_jobs`), the fractions of the time limit by which stage 1,
+# the Pareto stages, and the reachability checks or column generation must be done
+# (stage 1 gets more where column generation is not tried, above JOBS_MAX_TENANTS)
+JOBS_BLIND_SHARE = 0.3, 0.7
+JOBS_PARETO_SHARE = 0.6, 0.85
+JOBS_SHARE = 0.95
+# above this many tenants column generation is not tried (it does not scale yet: 30 x 8
+# in 0.13 s, 100 x 8 not within 2 minutes: docs/allocator.md, Rounds), and an unreachable
+# job-blind result is returned with info["implementable"] False
 JOBS_MAX_TENANTS = 50
 FINISH_SECONDS = 0.15  # of the time limit, kept for splitting merged tenants and the checks after stage 3
 
@@ -69,27 +74,19 @@ def cooperative(p: Problem, max_refine: int = 4, pareto: bool = True, time_limit
     keeps a Pareto-efficient aggregate Pareto efficient: same supporting weight for
     every member).
 
-    ``jobs`` (tenant -> [(job id, gpus)]): with a job of more than one GPU, x is solved
-    within the mixes of feasible rounds instead (jobs.py: column generation, stage "lp",
-    solver "colgen", no Pareto stages), so the rounds can reach it; with more than
-    JOBS_MAX_TENANTS tenants, or if that does not finish within JOBS_SHARE of the budget,
-    the job-blind result follows with ``info["implementable"]`` False.
+    ``jobs`` (tenant -> [(job id, gpus)]): with a job of more than one GPU, x must be a
+    mix of feasible rounds, so the rounds can reach it (`_with_jobs`): the job-blind
+    result is kept when it is one (``info["implementable"]`` True, SI fraction 1);
+    otherwise x is solved within those mixes (jobs.py: column generation, stage "lp",
+    solver "colgen", no Pareto stages). With more than JOBS_MAX_TENANTS tenants, or if
+    that does not finish within JOBS_SHARE of the budget, the job-blind result follows
+    with ``info["implementable"]`` False.
     """
     t0 = time.perf_counter()
     deadline = t0 + time_limit
-    if jobs and job_sizes(p, jobs):
-        res = None
-        if p.n <= JOBS_MAX_TENANTS:
-            res = implementable(p, jobs, t0 + JOBS_SHARE * time_limit, max_refine, warm)
-        if res is not None:
-            res.solve_seconds = time.perf_counter() - t0
-            return res
-        out = cooperative(p, max_refine, pareto, max(0.0, deadline - time.perf_counter()), warm)
-        out.info["implementable"] = False
-        out.info["implementable_reason"] = (f"more than {JOBS_MAX_TENANTS} tenants" if p.n > JOBS_MAX_TENANTS
-                                            else "out of time")
-        out.solve_seconds = time.perf_counter() - t0
-        return out
+    sizes = job_sizes(p, jobs) if jobs else {}
+    if sizes:
+        return _with_jobs(p, jobs, sizes, max_refine, pareto, time_limit, warm)
     group, first = groups(p)
     merged = len(first) < p.n
     if merged:
@@ -122,6 +119,60 @@ def cooperative(p: Problem, max_refine: int = 4, pareto: bool = True, time_limit
         x = x[group] * (p.weights / wsum[group])[:, None]
         info["groups"] = len(first)
     return Allocation("cooperative", x, time.perf_counter() - t0, info)
+
+
+def _with_jobs(p: Problem, jobs: dict, sizes: dict, max_refine: int, pareto: bool, time_limit: float,
+               warm: list | None) -> Allocation:
+    """`cooperative` when some tenant has a job of more than one GPU (its doc, ``jobs``).
+
+    The job-blind fair optimum is the SI+EF optimum over a superset of the mixes of
+    feasible rounds, so when it is such a mix (`jobs.schedule` finds the rounds) it is
+    also the optimum among them, found with the merging that column generation lacks.
+    Its Pareto stages then run, and their result is kept if it is reachable too
+    (otherwise the fair optimum, ``pareto_efficient`` False). Only when the fair optimum
+    is out of reach does column generation solve for x (`implementable`, seeded with the
+    job-blind EF rows). If stage 1 fell back (out of time: large instances whose capped
+    job tenants do not merge), the exchange's x is checked the same way.
+
+    Budget (fractions of ``time_limit``, from the start): stage 1 by JOBS_BLIND_SHARE
+    (it takes milliseconds to a second), the Pareto stages by JOBS_PARETO_SHARE (each
+    the first of its pair, or the second above JOBS_MAX_TENANTS, where there is no column
+    generation to keep time for), every check and column generation by JOBS_SHARE. Stage 3
+    can use all the time it is given and fail, so it gets a bounded share here; it is not
+    started with less than a tenth of the budget left for it."""
+    t0 = time.perf_counter()
+    by = lambda share: t0 + share * time_limit  # noqa: E731
+    large = p.n > JOBS_MAX_TENANTS
+    fair = cooperative(p, max_refine, False, JOBS_BLIND_SHARE[large] * time_limit, warm)
+    job_tenants = [p.tenants[i] for i in sorted(sizes)]
+    mix = schedule(p, sizes, fair.x, by(JOBS_SHARE))
+    if mix is not None:
+        out = fair
+        left = by(JOBS_PARETO_SHARE[large]) - time.perf_counter()
+        if pareto and fair.info["stage"] == "lp" and left >= 0.1 * time_limit:
+            refined = cooperative(p, max_refine, True, left, fair.info["warm"])
+            same = np.allclose(refined.x, fair.x, rtol=0, atol=1e-9)
+            other = None if same or refined.info["stage"] == "fallback" else schedule(p, sizes, refined.x,
+                                                                                       by(JOBS_SHARE))
+            if same or other is not None:
+                out, mix = refined, mix if same else other
+            else:                            # its x (a Pareto stage's, or another fair vertex) is out of reach
+                fair.info["pareto_efficient"] = None if refined.info["stage"] == "fallback" else False
+        out.info.update(implementable=True, si_fraction=1.0, job_tenants=job_tenants, _schedule=mix)
+        out.solve_seconds = time.perf_counter() - t0
+        return out
+    res = None
+    if not large:
+        res = implementable(p, jobs, by(JOBS_SHARE), max_refine, list(warm or ()) + fair.info.get("warm", []),
+                            near=fair.x)
+    if res is not None:
+        res.solve_seconds = time.perf_counter() - t0
+        return res
+    fair.info["implementable"] = False
+    fair.info["implementable_reason"] = (f"more than {JOBS_MAX_TENANTS} tenants" if p.n > JOBS_MAX_TENANTS
+                                         else "out of time")
+    fair.solve_seconds = time.perf_counter() - t0
+    return fair
 
 
 def _seed(p: Problem, q: Problem, group: np.ndarray, warm: list | None) -> np.ndarray:

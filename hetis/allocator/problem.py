@@ -107,7 +107,7 @@ class Allocation:
     def outcome(self) -> dict:
         """Which stage produced x: ``stage`` fair_optimum, pareto_refinement or fallback
         (cooperative; "exact" for the other modes, each computed to its own definition),
-        ``solver`` (lp, milp, ceei, fpx; else the mode), ``optimality_gap`` (relative: how
+        ``solver`` (lp, milp, ceei, fpx, colgen: jobs.py; else the mode), ``optimality_gap`` (relative: how
         far the efficiency may be below the SI+EF optimum; None if unknown or not
         applicable), ``pareto_efficient`` (None if not checked), and with multi-GPU jobs
         ``implementable`` (x is a mix of feasible rounds: True; the job-blind x: False;
@@ -119,7 +119,7 @@ class Allocation:
             return {"stage": "exact", "solver": self.mode, "optimality_gap": None, "pareto_efficient": None, **jobs}
         pe = info.get("pareto_efficient", True if "pareto_gain_lp" in info else None)
         gap = info.get("gap")
-        solver = "fpx" if info["stage"] == "fallback" else "colgen" if info.get("implementable") else info["stage"]
+        solver = "fpx" if info["stage"] == "fallback" else info.get("solver", info["stage"])
         return {"stage": STAGES[info["stage"]], "solver": solver,
                 "optimality_gap": None if gap is None else float(gap), "pareto_efficient": pe, **jobs}
 

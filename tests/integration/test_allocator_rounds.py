@@ -95,11 +95,13 @@ def test_the_job_blind_share_is_out_of_reach():
 @pytest.mark.parametrize("seed", range(6))
 def test_multi_gpu_jobs_reach_the_cooperative_share_within_5_percent_over_100_rounds(seed):
     """With the jobs given, cooperative's x is a mix of feasible rounds (jobs.py), fair
-    (EF; SI at the fraction it reports), and the packed rounds reach it within 5 %."""
+    (EF; SI at the fraction it reports), and the packed rounds reach it within 5 %:
+    the job-blind x where the check finds its rounds (SI itself), else column generation's."""
     p, jobs = jobs_instance(seed)
     alloc = cooperative(p, jobs=jobs)
     out = alloc.outcome()
-    assert out["implementable"] is True and out["solver"] == "colgen"
+    assert out["implementable"] is True
+    assert out["solver"] == "colgen" or (out["solver"] in ("lp", "milp", "ceei") and out["si_fraction"] == 1)
     assert ef_slack(p, alloc.x).min() >= -FAIR_TOL
     assert (utilities(p, alloc.x) >= out["si_fraction"] * equal_share_values(p) * (1 - FAIR_TOL)).all()
     _, res = run_rounds(p, alloc.x, jobs)

@@ -31,6 +31,19 @@ def check_schedule(p, alloc):
         assert (a.sum(axis=0) <= p.capacity + 1e-9).all() and np.allclose(a, np.round(a))
 
 
+def test_the_job_blind_optimum_is_kept_where_rounds_reach_it():
+    """t0's 8-GPU job fits the 8 a100 it values most, so the job-blind optimum (stage 1,
+    then the Pareto stages) is a mix of rounds: kept, SI itself, with its own solver."""
+    p, jobs = pool({"a100": 8, "t4": 8}, [("t0", {"a100": 2.0, "t4": 1.0}, [("big", 8)]),
+                                          ("t1", {"a100": 1.0, "t4": 1.0}, [])])
+    alloc = cooperative(p, jobs=jobs)
+    out = alloc.outcome()
+    assert out["implementable"] is True and out["si_fraction"] == 1.0 and out["solver"] in ("lp", "milp", "ceei")
+    assert out["pareto_efficient"] is True and si_slack(p, alloc.x).min() >= -FAIR_TOL
+    assert np.allclose(alloc.x, cooperative(p).x)
+    check_schedule(p, alloc)
+
+
 def test_two_8_gpu_jobs_on_12_gpus_share_8_and_say_si_is_out_of_reach():
     p, jobs = pool({"a100": 12}, [("t0", {"a100": 1.0}, [("big", 8)]), ("t1", {"a100": 1.0}, [("big", 8)])])
     blind = cooperative(p)
