@@ -45,6 +45,12 @@ JOBS_SHARE = 0.95
 # in 0.13 s, 100 x 8 not within 2 minutes: docs/allocator.md, Rounds), and an unreachable
 # job-blind result is returned with info["implementable"] False
 JOBS_MAX_TENANTS = 50
+# a cap per unit of weight at least this many times the pool per unit of weight is tried as
+# no cap (so such tenants merge); kept only if no tenant's bundle per weight reaches it
+# (then every capped valuation is linear on every bundle: the same SI, EF and Pareto
+# conditions), else retried with a higher threshold, LOOSE_TRIES times in all
+LOOSE_CAP = 2.5
+LOOSE_TRIES = 2
 FINISH_SECONDS = 0.15  # of the time limit, kept for splitting merged tenants and the checks after stage 3
 
 
@@ -87,6 +93,28 @@ def cooperative(p: Problem, max_refine: int = 4, pareto: bool = True, time_limit
     sizes = job_sizes(p, jobs) if jobs else {}
     if sizes:
         return _with_jobs(p, jobs, sizes, max_refine, pareto, time_limit, warm)
+    capped = np.isfinite(p.caps)
+    if capped.any():
+        # caps that no bundle reaches change nothing: drop them, so those tenants merge
+        bound = LOOSE_CAP * p.capacity.sum() / p.weights.sum()
+        for _ in range(LOOSE_TRIES):
+            loose = capped & (p.caps / p.weights >= bound)
+            if not loose.any() or time.perf_counter() >= deadline:
+                break
+            q = Problem(p.gpu_types, p.capacity, p.tenants, p.weights, p.throughput,
+                        np.where(loose, np.inf, p.caps), p.prices)
+            out = _solve(q, max_refine, pareto, deadline, warm, t0)
+            reach = float((out.x.sum(axis=1) / p.weights).max())
+            if reach <= float((p.caps[loose] / p.weights[loose]).min()):
+                out.info["caps_dropped"] = int(loose.sum())
+                return out
+            bound = max(bound * 2, reach * 1.5)
+    return _solve(p, max_refine, pareto, deadline, warm, t0)
+
+
+def _solve(p: Problem, max_refine: int, pareto: bool, deadline: float, warm: list | None,
+           t0: float) -> Allocation:
+    """`cooperative` for one Problem as given: merge, stage 1, stages 2 and 3."""
     group, first = groups(p)
     merged = len(first) < p.n
     if merged:

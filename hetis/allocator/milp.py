@@ -92,8 +92,7 @@ def pe_milp(p: Problem, pairs: np.ndarray, lower: float | None, ratio: float,
     info: dict = {"milp_solves": 0}
     pairs = pairs.reshape(-1, 2)
     while True:
-        left = deadline - time.perf_counter()
-        if left <= 0:
+        if deadline <= time.perf_counter():
             info["milp_status"] = "time limit"
             return None, info
         cut_a, cut_b, nd = _ef_rows_exact(p, pairs)
@@ -101,6 +100,10 @@ def pe_milp(p: Problem, pairs: np.ndarray, lower: float | None, ratio: float,
         bb = np.concatenate([fixed_b, cut_b])
         cc, lo = np.concatenate([c, np.zeros(nd)]), np.concatenate([lb, np.zeros(nd)])
         hi = np.concatenate([ub, np.ones(nd)])
+        left = deadline - time.perf_counter()         # after the rows: building them can take a second
+        if left <= 0:
+            info["milp_status"] = "time limit"
+            return None, info
         with stdout_to_stderr():
             res = milp(cc, integrality=np.concatenate([integrality, np.ones(nd)]), bounds=Bounds(lo, hi),
                        constraints=LinearConstraint(a, -np.inf, bb),

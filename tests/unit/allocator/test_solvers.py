@@ -130,3 +130,36 @@ def test_partial_allocation_with_merged_tenants_matches_the_definition(caps):
     assert a.info["programs"] < p.n + 1            # duplicates merged
     assert_feasible(p, a.x)
     np.testing.assert_allclose(utilities(p, a.x), _partial_allocation_by_definition(p), rtol=1e-6)
+
+
+@settings(max_examples=40, deadline=None)
+@given(problems(max_n=5, max_m=3))
+def test_dropping_the_caps_no_bundle_reaches_changes_nothing(p):
+    """cooperative drops caps that no tenant's bundle (per weight) reaches, so those tenants
+    merge: the same efficiency as keeping every cap, SI, EF and the caps hold."""
+    from hetis.allocator import cooperative as coop
+    loose = coop.cooperative(p, pareto=False)
+    saved, coop.LOOSE_TRIES = coop.LOOSE_TRIES, 0
+    try:
+        kept = coop.cooperative(p, pareto=False)
+    finally:
+        coop.LOOSE_TRIES = saved
+    assert "caps_dropped" not in kept.info
+    assert efficiency(p, loose.x) == pytest.approx(efficiency(p, kept.x), rel=1e-7)
+    assert si_slack(p, loose.x).min() >= -TOL and ef_slack(p, loose.x).min() >= -TOL
+    assert_feasible(p, loose.x)
+
+
+def test_a_cap_a_bundle_reaches_is_kept(monkeypatch):
+    """t0 alone values the 20 a100; its cap of 10 is above the first threshold (2.5 x the
+    pool per weight, 3), so it is dropped first, its bundle reaches 20, and the retry keeps it."""
+    from hetis.allocator import cooperative as coop
+    tried = []
+    solve = coop._solve
+    monkeypatch.setattr(coop, "_solve", lambda q, *a: tried.append(q.caps[0]) or solve(q, *a))
+    tenants = [{"name": "t0", "throughput": {"a100": 1.0, "t4": 0.0}, "max_gpus": 10.0}]
+    tenants += [{"name": f"t{i}", "throughput": {"a100": 0.0, "t4": 1.0}} for i in range(1, 10)]
+    p = Problem.build({"a100": 20, "t4": 10}, tenants)
+    alloc = coop.cooperative(p, pareto=False)
+    assert tried == [np.inf, 10.0] and "caps_dropped" not in alloc.info
+    assert alloc.x[0, 0] == pytest.approx(10.0, abs=1e-6) and alloc.x[0].sum() <= 10 + 1e-9
