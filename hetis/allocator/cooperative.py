@@ -42,7 +42,7 @@ JOBS_BLIND_SHARE = 0.3, 0.7
 JOBS_PARETO_SHARE = 0.6, 0.85
 JOBS_SHARE = 0.95
 # above this many tenants column generation is not tried (it does not scale yet: 30 x 8
-# in 0.13 s, 100 x 8 not within 2 minutes: docs/allocator.md, Rounds), and an unreachable
+# in 0.5-0.8 s, 100 x 8 in 4.5 s: docs/allocator.md, Rounds), and an unreachable
 # job-blind result is returned with info["implementable"] False
 JOBS_MAX_TENANTS = 50
 # a cap per unit of weight at least this many times the pool per unit of weight is tried as
