@@ -197,8 +197,7 @@ def _with_jobs(p: Problem, jobs: dict, sizes: dict, max_refine: int, pareto: boo
         res.solve_seconds = time.perf_counter() - t0
         return res
     fair.info["implementable"] = False
-    fair.info["implementable_reason"] = (f"more than {JOBS_MAX_TENANTS} tenants" if p.n > JOBS_MAX_TENANTS
-                                         else "out of time")
+    fair.info["implementable_reason"] = f"more than {JOBS_MAX_TENANTS} tenants" if large else "out of time"
     fair.solve_seconds = time.perf_counter() - t0
     return fair
 

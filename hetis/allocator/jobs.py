@@ -112,6 +112,17 @@ def _add_config_cols(lp: LP, configs: list[np.ndarray], link0: int, conv: int) -
     lp.add_cols(np.zeros(len(configs)), sp.csc_matrix((vals, (rows, cols)), shape=(lp.rows, len(configs))))
 
 
+def _fresh(configs: list[np.ndarray], seen: set) -> list[np.ndarray]:
+    """The configurations not in ``seen`` (nor repeated among themselves), now added to it."""
+    out = []
+    for a in configs:
+        key = a.tobytes()
+        if key not in seen:
+            seen.add(key)
+            out.append(a)
+    return out
+
+
 def _seed_configs(p: Problem, J: np.ndarray, sizes: dict[int, dict[int, int]]) -> list[np.ndarray]:
     """One configuration per job tenant and type: as many of its jobs as fit there,
     largest first (each is feasible on its own; the LP mixes them)."""
@@ -141,7 +152,7 @@ def _round_seeds(p: Problem, J: np.ndarray, sizes: dict[int, dict[int, int]], ta
     one-type seeds alone). Fewer rounds if the deadline comes first."""
     got = np.zeros_like(target)
     m = p.m
-    out, seen = [], set()
+    out = []
     jobs = [sorted(((g, c) for g, c in sizes[i].items() if g > 0), reverse=True) for i in J]
     for k in range(1, rounds + 1):
         if time.perf_counter() > deadline:
@@ -162,11 +173,9 @@ def _round_seeds(p: Problem, J: np.ndarray, sizes: dict[int, dict[int, int]], ta
                     deficit[r, j] -= g
                     left[r][g] -= 1
         got += a
-        key = a.tobytes()
-        if a.any() and key not in seen:
-            seen.add(key)
+        if a.any():
             out.append(a)
-    return out
+    return _fresh(out, set())
 
 
 def _price(p: Problem, J: np.ndarray, sizes: dict[int, dict[int, int]], y: np.ndarray, mu: float,
@@ -214,17 +223,17 @@ def _price_greedy(p: Problem, J: np.ndarray, sizes: dict[int, dict[int, int]], y
         return None
     order = np.argsort(y[r, j], kind="stable")
     room = p.capacity.astype(float).copy()
-    left = {(int(a), g): c for a, i in enumerate(J) for g, c in sizes[i].items() if g > 0}
+    left = [{g: c for g, c in sorted(sizes[i].items(), reverse=True) if g > 0} for i in J]
     out = np.zeros((len(J), p.m))
     for a, t in zip(r[order].tolist(), j[order].tolist()):
         if p.throughput[J[a], t] <= 0:
             continue
-        for g in sorted((g for (b, g), c in left.items() if b == a and c), reverse=True):
-            k = int(min(left[a, g], room[t] // g))
+        for g, c in left[a].items():
+            k = int(min(c, room[t] // g))
             if k:
                 out[a, t] += k * g
                 room[t] -= k * g
-                left[a, g] -= k
+                left[a][g] -= k
     if float((y * out).sum()) - mu >= -PRICE_TOL * scale:
         return None
     return out
@@ -250,10 +259,8 @@ def schedule(p: Problem, sizes: dict[int, dict[int, int]], x: np.ndarray, deadli
     lp = LP(np.ones(2 * k), sp.csr_matrix((0, 2 * k)), np.zeros(0))
     lp.add(sp.hstack([-eye, eye]), -target, lower=-target)
     lp.add(sp.csr_matrix((1, 2 * k)), np.ones(1))
-    configs = _seed_configs(p, J, sizes)
-    seen = {c.tobytes() for c in configs}
-    configs += [c for c in _round_seeds(p, J, sizes, x[J], deadline=deadline) if c.tobytes() not in seen]
-    seen.update(c.tobytes() for c in configs)
+    seen: set = set()
+    configs = _fresh(_seed_configs(p, J, sizes) + _round_seeds(p, J, sizes, x[J], deadline=deadline), seen)
     _add_config_cols(lp, configs, 0, k)
     limit = tol * max(1.0, float(target.sum()))
     while True:
@@ -269,17 +276,16 @@ def schedule(p: Problem, sizes: dict[int, dict[int, int]], x: np.ndarray, deadli
             c, _ = _price(p, J, sizes, y, mu, deadline)
         if c is None or c.tobytes() in seen:
             return None                          # nothing improves (or degenerate pricing): out of reach
-        new = [c] + _per_type(c, seen)
-        seen.update(a.tobytes() for a in new)
+        new = _fresh([c] + _per_type(c), seen)
         _add_config_cols(lp, new, 0, k)
         configs.extend(new)
     w = z[2 * k:]
     return [(float(w[c]), configs[c]) for c in np.flatnonzero(w > 1e-12)]
 
 
-def _per_type(a: np.ndarray, seen: set) -> list[np.ndarray]:
-    """The parts of configuration ``a`` on one type each (feasible: fewer jobs), those not
-    in ``seen``: cheap extra columns that let the LP use a priced round type by type."""
+def _per_type(a: np.ndarray) -> list[np.ndarray]:
+    """The parts of configuration ``a`` on one type each (feasible: fewer jobs): cheap
+    extra columns that let the LP use a priced round type by type."""
     used = np.flatnonzero(a.any(axis=0))
     if len(used) < 2:
         return []
@@ -287,8 +293,7 @@ def _per_type(a: np.ndarray, seen: set) -> list[np.ndarray]:
     for j in used:
         b = np.zeros_like(a)
         b[:, j] = a[:, j]
-        if b.tobytes() not in seen:
-            out.append(b)
+        out.append(b)
     return out
 
 
@@ -311,12 +316,9 @@ def implementable(p: Problem, jobs: dict, deadline: float = math.inf, max_refine
     where = {t: i for i, t in enumerate(p.tenants)}
     cuts = np.array([(where[a], where[b]) for a, b in warm or () if a in where and b in where and a != b],
                     dtype=int).reshape(-1, 2)
-    mst.add_configs(_seed_configs(p, J, sizes))
-    seen = {a.tobytes() for a in mst.configs}
-    if near is not None:
-        mst.add_configs([a for a in _round_seeds(p, J, sizes, near[J], deadline=deadline)
-                         if a.tobytes() not in seen])
-        seen.update(a.tobytes() for a in mst.configs)
+    seen: set = set()
+    mst.add_configs(_fresh(_seed_configs(p, J, sizes) + (
+        [] if near is None else _round_seeds(p, J, sizes, near[J], deadline=deadline)), seen))
     stats = {"lp_solves": 0, "configurations_priced": 0, "ef_cuts_added": 0}
     proved = True
 
@@ -334,9 +336,7 @@ def implementable(p: Problem, jobs: dict, deadline: float = math.inf, max_refine
             a = _price_greedy(p, J, sizes, y, mu)
             if len(new):                     # EF rows, and a greedy column at the same duals (one solve for both)
                 if a is not None and a.tobytes() not in seen:
-                    more = [a] + _per_type(a, seen)
-                    seen.update(b.tobytes() for b in more)
-                    mst.add_configs(more)
+                    mst.add_configs(_fresh([a] + _per_type(a), seen))
                     stats["configurations_priced"] += 1
                 lp.add(*ef_cut_rows(p, new, lam))
                 cuts = np.concatenate([cuts, new])
@@ -350,9 +350,7 @@ def implementable(p: Problem, jobs: dict, deadline: float = math.inf, max_refine
                 if a.tobytes() in seen:
                     proved = False           # degenerate pricing: the LP holds it already (would cycle)
                     return z
-            more = [a] + _per_type(a, seen)
-            seen.update(b.tobytes() for b in more)
-            mst.add_configs(more)
+            mst.add_configs(_fresh([a] + _per_type(a), seen))
             stats["configurations_priced"] += 1
 
     def refine(cost: np.ndarray, value) -> tuple[np.ndarray | None, int]:
