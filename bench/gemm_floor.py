@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from hetis.defaults import DTYPE_NAMES
+from hetis.defaults import DTYPE_NAMES, KV_CACHE_DTYPES
 
 
 def step_shapes(args, mc, max_model_len: int, kv_tokens: int) -> list[tuple[int, int]]:
@@ -116,6 +116,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--dtype", default="bfloat16", choices=DTYPE_NAMES)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+                    help="the engine's KV cache (the floor does not depend on it)")
     ap.add_argument("--measured", type=float, default=None, metavar="TOK_S",
                     help="the engine's output tok/s (default: run hetis bench here)")
     a = ap.parse_args(argv)
@@ -123,7 +125,8 @@ def main(argv=None) -> int:
     if measured is None:
         from bench.run_all import bench
         from bench.sim_vs_real import bench_argv
-        measured = bench(bench_argv(a.quick, a.dtype, a.threads))["output_throughput"]
+        measured = bench(bench_argv(a.quick, a.dtype, a.threads)
+                         + ["--kv-cache-dtype", a.kv_cache_dtype])["output_throughput"]
     measure(a.quick, a.dtype, a.threads, measured)
     return 0
 

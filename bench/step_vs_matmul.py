@@ -8,7 +8,8 @@ step's GEMMs (QKV, O, gate/up, down for every layer, and the LM head, on 32
 rows, with the model's own weights and compute dtype). Reports the median of
 each and their ratio, plus a profile of where the rest goes.
 
-    python -m bench.step_vs_matmul [--dtype bfloat16] [--batch 32] [--steps 12] [--out DIR]
+    python -m bench.step_vs_matmul [--dtype bfloat16] [--kv-cache-dtype auto|int8] [--batch 32]
+        [--steps 12] [--out DIR]
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from hetis.defaults import DTYPE_NAMES
+from hetis.defaults import DTYPE_NAMES, KV_CACHE_DTYPES
 
 
 def matmuls_only(model, x: torch.Tensor) -> None:
@@ -38,11 +39,11 @@ def matmuls_only(model, x: torch.Tensor) -> None:
 
 
 def main(out_dir: str = "bench/results", dtype: str = "bfloat16", batch: int = 32, steps: int = 12,
-         threads: int | None = None, seed: int = 0) -> dict:
+         threads: int | None = None, seed: int = 0, kv_cache_dtype: str = "auto") -> dict:
     from hetis import LLM, SamplingParams
     if threads:
         torch.set_num_threads(threads)
-    llm = LLM(dtype=dtype, max_num_seqs=batch, max_num_batched_tokens=4096)
+    llm = LLM(dtype=dtype, max_num_seqs=batch, max_num_batched_tokens=4096, kv_cache_dtype=kv_cache_dtype)
     eng, model = llm.engine, llm.engine.executor.model
     rng = random.Random(seed)
     vocab = model.cfg.vocab_size
@@ -74,7 +75,7 @@ def main(out_dir: str = "bench/results", dtype: str = "bfloat16", batch: int = 3
     s = io.StringIO()
     pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(12)
     res = {
-        "dtype": dtype, "compute_dtype": str(model.compute_dtype).replace("torch.", ""),
+        "dtype": dtype, "kv_cache_dtype": kv_cache_dtype, "compute_dtype": str(model.compute_dtype).replace("torch.", ""),
         "batch": batch, "threads": torch.get_num_threads(),
         "mean_context": statistics.mean(s_.num_tokens for s_ in eng.seqs.values()),
         "step_ms": statistics.median(step_t) * 1e3, "matmul_ms": statistics.median(mm_t) * 1e3,
@@ -84,7 +85,7 @@ def main(out_dir: str = "bench/results", dtype: str = "bfloat16", batch: int = 3
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "step_vs_matmul.json"), "w") as f:
         json.dump(res, f, indent=2)
-    print(f"decode step at batch {batch} ({dtype}, GEMMs in {res['compute_dtype']}, "
+    print(f"decode step at batch {batch} ({dtype}, KV cache {kv_cache_dtype}, GEMMs in {res['compute_dtype']}, "
           f"{res['threads']} threads, mean context {res['mean_context']:.0f}): "
           f"step {res['step_ms']:.1f} ms, matmuls alone {res['matmul_ms']:.1f} ms, "
           f"ratio {res['step_vs_matmul']:.2f}")
@@ -94,9 +95,10 @@ def main(out_dir: str = "bench/results", dtype: str = "bfloat16", batch: int = 3
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dtype", default="bfloat16", choices=DTYPE_NAMES)
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--out", default="bench/results")
     a = ap.parse_args()
-    main(a.out, a.dtype, a.batch, a.steps, a.threads)
+    main(a.out, a.dtype, a.batch, a.steps, a.threads, kv_cache_dtype=a.kv_cache_dtype)

@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "(default: the service's, 131072)")
     up.add_argument("--attn-kv-tokens", type=positive_int, default=None, metavar="N",
                     help="KV capacity of each attention worker (default: the service's, 131072)")
+    up.add_argument("--kv-cache-dtype", choices=defaults.KV_CACHE_DTYPES, default="auto",
+                    help="every worker's KV cache: auto (the model's dtype) or int8 (int8 rows "
+                    "with a float32 scale each; default %(default)s)")
     add_redispatch_flags(up)
     up.add_argument("--http-port", type=port_number, default=None, metavar="P",
                     help="the router also serves the OpenAI-compatible HTTP API on this port "

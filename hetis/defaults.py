@@ -37,6 +37,7 @@ def default_threads(fallback: int = 0) -> int:
 
 # ------------------------------------------------------------------ model and dispatch
 DTYPE_NAMES = ("float32", "bfloat16")
+KV_CACHE_DTYPES = ("auto", "int8")   # hetis/model/kv_store.py
 DEFAULT_DTYPE = "float32"
 
 # Head dispatch policies (hetis/engine/dispatcher.py): the paper's online

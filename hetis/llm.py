@@ -15,6 +15,7 @@ from hetis.model import compute
 from hetis.model.attention import AttentionBackend, profile_attention
 from hetis.model.dense import DenseModel, parse_dtype
 from hetis.model.executor import Executor
+from hetis.model.kv_store import check_kv_cache_dtype
 from hetis.model.loader import load
 
 
@@ -71,6 +72,11 @@ class LLM:
             GGUF's Q4_0/Q4_1 projections four-bit, multiplied by PyTorch's CPU
             int4 weight-only kernel (3-4x fewer weight bytes per token; logits
             within rounding of the dequantised weights: hetis/model/quant.py).
+        kv_cache_dtype: "auto" keeps the KV cache in ``dtype``; "int8" stores each
+            key/value row as int8 with a float32 scale (hetis/model/kv_store.py): half of
+            bfloat16's bytes per cached token, so twice the tokens in the same memory and
+            fewer bytes read by decode attention; not bit-exact (docs/cpu.md gives its
+            accuracy).
     """
 
     @compute.on_compute   # built, and later run, on the process's compute thread (hetis/model/compute.py)
@@ -80,8 +86,9 @@ class LLM:
                  kv_tokens: int | list[int] | None = None,
                  num_backends: int | None = None, policy: str | None = None,
                  kv_headroom: int | None = None, rebalance_threshold: float = 0.5,
-                 weights: str = "dense", device: str = "cpu"):
+                 weights: str = "dense", device: str = "cpu", kv_cache_dtype: str = "auto"):
         self.dtype = parse_dtype(dtype)
+        check_kv_cache_dtype(kv_cache_dtype)
         if policy is not None and policy not in POLICIES:
             raise ValueError(f"policy: must be one of {POLICIES} (got {policy!r})")
         if placement is not None and (num_backends is not None or policy is not None):
@@ -115,7 +122,8 @@ class LLM:
                                           rebalance_threshold=rebalance_threshold)
         blocks = [max(1, n // block_size) for n in sizes]
         backends = [AttentionBackend(cfg.num_layers, nb, block_size, cfg.head_dim,
-                                     cfg.q_per_group, self.dtype, device) for nb in blocks]
+                                     cfg.q_per_group, self.dtype, device, kv_cache_dtype=kv_cache_dtype)
+                    for nb in blocks]
         # one process, one CPU: every backend has the same measured cost
         cost = profile_attention(backends[0]) if pinned is None and n_backends > 1 else (1e-8, 1e-6)
         devices = [Device(f"backend-{b}", nb, *cost) for b, nb in enumerate(blocks)]

@@ -31,7 +31,7 @@ def service_commands(args, ports: dict[str, int] | None = None, host: str = LOCA
 
     ``args`` carries attn_workers, port (the router's), redis_url, model, dtype,
     policy and threads (``hetis up``'s flags), and optionally dense_workers, tp, dense_kv_tokens,
-    attn_kv_tokens, host and http_port. Secrets (the API key) never go on a
+    attn_kv_tokens, kv_cache_dtype (every worker's), host and http_port. Secrets (the API key) never go on a
     command line, where ``ps`` shows them: they travel in the environment. ``ports`` maps worker names to their ports (missing
     ones get free ports); ``host`` is how services reach each other (127.0.0.1
     locally, service names in docker-compose). ``bind``: the interface internal
@@ -45,9 +45,12 @@ def service_commands(args, ports: dict[str, int] | None = None, host: str = LOCA
     model = ["--model", args.model] if args.model else []
     internal = ["--host", bind] if bind else []
 
+    kv_dtype = getattr(args, "kv_cache_dtype", "auto") or "auto"
+
     def kv(name):
         v = getattr(args, name, None)
-        return ["--kv-tokens", str(v)] if v else []
+        return (["--kv-tokens", str(v)] if v else []) + \
+            (["--kv-cache-dtype", kv_dtype] if kv_dtype != "auto" else [])
     cmds = []
     for i in range(args.attn_workers):
         name = f"attn-{i}"

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from hetis.defaults import DEFAULT_DTYPE, DEFAULT_TARGET, DTYPE_NAMES, default_target
+from hetis.defaults import DEFAULT_DTYPE, DEFAULT_TARGET, DTYPE_NAMES, KV_CACHE_DTYPES, default_target
 from hetis.engine.sampling import ParamError
 from hetis.mesh.flags import positive_int, positive_rate
 
@@ -54,6 +54,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="local engine's dtype (default %(default)s)")
     g.add_argument("--weights", choices=("dense", "gguf"), default="dense",
                    help="local engine: 'gguf' keeps the GGUF's Q4 projections int4 (default dense)")
+    g.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
+                   help="local engine: 'int8' stores the KV cache as int8 rows with a float32 "
+                   "scale each (default auto: the model's dtype)")
     g.add_argument("--placement", type=_placement, default=None, metavar="B,B,..",
                    help="local engine: head group -> in-process backend, e.g. 0,1,2")
     g.add_argument("--threads", type=positive_int, default=None, metavar="T",
@@ -141,7 +144,8 @@ def cmd_bench(args) -> int:
     if args.engine != "local":
         local_only = [f for f, v, d in [("--placement", args.placement, None),
                                         ("--dtype", args.dtype, DEFAULT_DTYPE),
-                                        ("--weights", args.weights, "dense")] if v != d]
+                                        ("--weights", args.weights, "dense"),
+                                        ("--kv-cache-dtype", args.kv_cache_dtype, "auto")] if v != d]
         if local_only:
             raise UsageError(f"{', '.join(local_only)}: only with --engine local")
     if args.burstiness <= 0:

@@ -92,7 +92,7 @@ def make_target(args):
         return LocalTarget(args.model, args.dtype, args.placement, args.max_num_seqs,
                            args.max_num_batched_tokens, args.max_model_len,
                            temperature=args.temperature, ignore_eos=args.ignore_eos,
-                           weights=args.weights)
+                           weights=args.weights, kv_cache_dtype=args.kv_cache_dtype)
     if args.backend == "openai":
         from hetis.model.loader import load_meta
         _, tokenizer = load_meta(args.model)

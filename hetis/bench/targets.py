@@ -26,17 +26,19 @@ class LocalTarget:
 
     def __init__(self, model: str | None, dtype: str, placement: list[int] | None,
                  max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
-                 temperature: float = 0.0, ignore_eos: bool = False, weights: str = "dense"):
+                 temperature: float = 0.0, ignore_eos: bool = False, weights: str = "dense",
+                 kv_cache_dtype: str = "auto"):
         from hetis import LLM
         from hetis.engine.serving import ServingLoop
         self.llm = LLM(model=model, dtype=dtype, placement=placement, max_num_seqs=max_num_seqs,
                        max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
-                       weights=weights)
+                       weights=weights, kv_cache_dtype=kv_cache_dtype)
         self.tokenizer = self.llm.tokenizer
         self.max_model_len = self.llm.engine_config.max_model_len
         self.temperature, self.ignore_eos = temperature, ignore_eos
         self.core = ServingLoop(self.llm.engine, LOCAL_MAX_QUEUE).start()
         self.description = {"target": "engine", "dtype": dtype, "weights": weights,
+                            "kv_cache_dtype": kv_cache_dtype,
                             "placement": list(self.llm.placement or [])}
 
     def stream(self, request_id: str, prompt_token_ids: list[int], output_len: int) -> Iterator[int]:

@@ -115,8 +115,13 @@ class AttentionWorker:
         """The KV store for ``shape`` and its profiled attention cost (before anything lives in it)."""
         num_blocks = max(1, self.cfg.kv_tokens // shape.block_size)
         first = AttentionBackend(shape.num_layers, num_blocks, shape.block_size, shape.head_dim,
-                                 shape.q_per_group, DTYPES[shape.dtype], self.device)
-        return first.store, profile_attention(first)
+                                 shape.q_per_group, DTYPES[shape.dtype], self.device,
+                                 kv_cache_dtype=self.cfg.kv_cache_dtype)
+        st = first.store
+        log.info("KV cache: %d tokens x head groups, %s (%.0f MiB)", num_blocks * shape.block_size,
+                 "int8 rows with float32 scales" if st.quantized else shape.dtype,
+                 num_blocks * shape.block_size * shape.num_layers * st.token_bytes / 2 ** 20)
+        return st, profile_attention(first)
 
     def _run(self, loop: AttentionLoop, group_id: str) -> None:
         try:

@@ -110,7 +110,7 @@ class DenseWorker:
         # (pages are touched only where its own groups live)
         self.local = AttentionBackend(mc.num_layers, max(1, cfg.kv_tokens // cfg.block_size),
                                       cfg.block_size, mc.head_dim, mc.q_per_group, self.dtype,
-                                      cfg.device)
+                                      cfg.device, kv_cache_dtype=cfg.kv_cache_dtype)
         self.cost = profile_attention(self.local)
         self.residency = Residency(cfg.block_size)
         self.executor = Executor(self.model, [self.local], groups)

@@ -112,6 +112,7 @@ class WorkerConfig:
     device: str = "cpu"
     threads: int = 0
     kv_tokens: int = 131072
+    kv_cache_dtype: str = "auto"   # "int8": hetis/model/kv_store.py
     metrics_port: int | None = None
     log_level: str = "INFO"
     security: Security = field(default_factory=Security)
@@ -265,6 +266,9 @@ def add_worker_flags(ap: argparse.ArgumentParser, default_port: int) -> None:
                     help="torch intra-op threads (0: torch's default; env HETIS_THREADS)")
     ap.add_argument("--kv-tokens", type=positive_int, default=131072,
                     help="KV capacity of this device in tokens x head groups (default 131072)")
+    ap.add_argument("--kv-cache-dtype", choices=defaults.KV_CACHE_DTYPES, default="auto",
+                    help="auto: the KV cache in the model's dtype; int8: int8 rows with a float32 "
+                    "scale each, half of bfloat16's bytes per token (default auto)")
     ap.add_argument("--metrics-port", type=int, default=None,
                     help="Prometheus /metrics port (0: a free one; unset: off)")
     ap.add_argument("--log-level", default="INFO")

@@ -118,32 +118,34 @@ class AttentionBackend:
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, head_dim: int,
                  q_per_group: int, dtype: torch.dtype, device: str = "cpu",
-                 store: KVStore | None = None, paged: bool | None = None):
+                 store: KVStore | None = None, paged: bool | None = None,
+                 kv_cache_dtype: str = "auto"):
         # ``store``: share another backend's cache (an attention worker's channels do; the
         # router's block accounting keeps them on disjoint blocks). ``paged``: decode with
-        # the paged kernel (default: wherever it serves this cache; False: gather + SDPA)
-        self.store = store or KVStore(num_layers, num_blocks, block_size, head_dim, dtype, device)
+        # the paged kernel (default: wherever it serves this cache; False: gather + SDPA).
+        # ``kv_cache_dtype``: "auto" (the cache in ``dtype``) or "int8" (kv_store.py)
+        self.store = store or KVStore(num_layers, num_blocks, block_size, head_dim, dtype, device,
+                                      kv_cache_dtype)
         self.block_size, self.qpg, self.head_dim = block_size, q_per_group, head_dim
         self.device = device
         self.layout = StepLayout(0, torch.empty(0, dtype=torch.long))
-        self.paged = cpu_kernels.supports(self.store.k) if paged is None else paged
+        self.paged = cpu_kernels.supports(self.store.k, dtype=self.store.dtype) if paged is None else paged
         self.scale = head_dim ** -0.5
 
     def begin_step(self, items: list[AttnItem]) -> None:
         self.layout = lay = StepLayout.build(items, self.block_size, self.device, self.paged)
-        k = self.store.k
+        dt, dev = self.store.dtype, self.store.k.device
         for d in lay.decodes:
             if d.ctx is not None:
                 continue
             n, b = d.tables.shape
             shape = (n, b * self.block_size, self.head_dim)
-            d.buf = (torch.empty(shape, dtype=k.dtype, device=k.device),
-                     torch.empty(shape, dtype=k.dtype, device=k.device))
+            d.buf = (torch.empty(shape, dtype=dt, device=dev), torch.empty(shape, dtype=dt, device=dev))
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q [P, qpg, D], k and v [P, D] -> attention output [P, qpg, D], in the cache's dtype."""
+        """q [P, qpg, D], k and v [P, D] -> attention output [P, qpg, D], in the store's dtype."""
         lay, st = self.layout, self.store
-        dt = st.k.dtype
+        dt = st.dtype
         if q.dtype != dt or k.dtype != dt or v.dtype != dt:
             q, k, v = q.to(dt), k.to(dt), v.to(dt)
         st.write(layer, lay.slots, k, v)
@@ -151,7 +153,11 @@ class AttentionBackend:
         out = None if len(lay.decodes) == 1 and lay.decodes[0].rows is None else torch.empty_like(q)
         for d in lay.decodes:
             qd = q if d.rows is None else q[d.rows]
-            if d.ctx is not None:
+            if d.ctx is not None and st.quantized:
+                o = cpu_kernels.paged_decode_q8(st.k_flat[layer], st.v_flat[layer], st.k_scale[layer],
+                                                st.v_scale[layer], qd, d.tables, d.ctx, self.block_size,
+                                                self.scale)
+            elif d.ctx is not None:
                 o = cpu_kernels.paged_decode(st.k_flat[layer], st.v_flat[layer], qd, d.tables, d.ctx,
                                               self.block_size, self.scale)
             else:
@@ -164,9 +170,13 @@ class AttentionBackend:
                 out[d.rows] = o
         for p in lay.prefills:
             ctx = p.start + p.num_new
-            kc, vc = st.gather(layer, p.tables)
             qp = q[p.rows].view(p.groups, p.num_new, self.qpg, -1).transpose(1, 2)
-            kc, vc = kc[:, None, :ctx], vc[:, None, :ctx]
+            if p.start == 0:  # the whole context is this chunk: its own keys, not the cache's copy
+                kc = k[p.rows].reshape(p.groups, 1, p.num_new, -1)
+                vc = v[p.rows].reshape(p.groups, 1, p.num_new, -1)
+            else:
+                kc, vc = st.gather(layer, p.tables)
+                kc, vc = kc[:, None, :ctx], vc[:, None, :ctx]
             if p.start == 0:
                 o = F.scaled_dot_product_attention(qp, kc, vc, is_causal=True, enable_gqa=True)
             else:
@@ -192,11 +202,12 @@ def profile_attention(backend: "AttentionBackend", num_items: int = 12,
     import time as _time
     bs = backend.block_size
     D, qpg = backend.head_dim, backend.qpg
-    dtype = backend.store.k.dtype
+    dtype = backend.store.dtype
     nblk = backend.store.k.shape[1]
     need = cdiv(max(contexts), bs) * num_items
     if need > nblk:
-        backend = AttentionBackend(1, need, bs, D, qpg, dtype, backend.device)
+        backend = AttentionBackend(1, need, bs, D, qpg, dtype, backend.device,
+                                   kv_cache_dtype=backend.store.kv_cache_dtype)
     times = []
     for ctx in contexts:
         per = cdiv(ctx, bs)

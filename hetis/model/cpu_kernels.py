@@ -52,19 +52,21 @@ BASE_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++1
 # fast-math for libmvec's vector expf; fused_ops keeps products and sums apart where
 # PyTorch rounds between them (no FMA contraction, no reassociation)
 LIBS = {
-    "paged_decode": (BASE_FLAGS + ["-ffast-math"], 1),
+    "paged_decode": (BASE_FLAGS + ["-ffast-math"], 2),
     "fused_ops": (BASE_FLAGS + ["-ffast-math", "-fno-associative-math", "-fno-reciprocal-math",
-                             "-ffp-contract=off"], 2),
+                             "-ffp-contract=off"], 3),
 }
 _P, _I, _F, _C = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
 SIGNATURES = {
-    "paged_decode": {"hetis_paged_decode": [_P] * 4 + [_I, _P, _P] + [_I] * 4 + [_F, _C]},
+    "paged_decode": {"hetis_paged_decode": [_P] * 4 + [_I, _P, _P] + [_I] * 4 + [_F, _C],
+                     "hetis_paged_decode_q8": [_P] * 6 + [_I, _P, _P] + [_I] * 4 + [_F, _C]},
     "fused_ops": {
         "hetis_rms_norm": [_P, _I, _P, _P, _I, _I, _F, _C],
         "hetis_add_rms_norm": [_P, _P, _I, _P, _P, _I, _I, _F, _C],
         "hetis_rope_split": [_P, _I, _P, _P, _P, _P, _P, _I, _I, _I, _I, _C],
         "hetis_silu_mul": [_P, _I, _P, _I, _I, _C],
         "hetis_q8_linear": [_P, _P, _P, _P, _I, _I, _I, _C],
+        "hetis_kv_write_q8": [_P, _I, _P, _I] + [_P] * 5 + [_I, _I, _C],
     },
 }
 SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
@@ -153,9 +155,10 @@ def library(name: str = "paged_decode") -> ctypes.CDLL | None:
         return lib
 
 
-def supports(t: torch.Tensor, name: str = "paged_decode") -> bool:
-    """Whether library ``name`` serves tensors like ``t`` (CPU, float32 or bfloat16)."""
-    return t.device.type == "cpu" and t.dtype in SUFFIX and library(name) is not None
+def supports(t: torch.Tensor, name: str = "paged_decode", dtype: torch.dtype | None = None) -> bool:
+    """Whether library ``name`` serves tensors like ``t`` (CPU, float32 or bfloat16;
+    ``dtype``: computing in that dtype, as over an 8-bit cache)."""
+    return t.device.type == "cpu" and (dtype or t.dtype) in SUFFIX and library(name) is not None
 
 
 def _fn(name: str, op: str, dtype: torch.dtype):
@@ -186,6 +189,39 @@ def paged_decode(k_layer: torch.Tensor, v_layer: torch.Tensor, q: torch.Tensor, 
         tables.stride(0) if n else 0, ctx.data_ptr(), out.data_ptr(), n, h, d, block_size,
         float(scale), torch.get_num_threads())
     return out
+
+
+def paged_decode_q8(kq: torch.Tensor, vq: torch.Tensor, ks: torch.Tensor, vs: torch.Tensor,
+                    q: torch.Tensor, tables: torch.Tensor, ctx: torch.Tensor, block_size: int,
+                    scale: float) -> torch.Tensor:
+    """:func:`paged_decode` over an 8-bit cache (hetis/model/kv_store.py): kq, vq int8
+    [blocks * block_size, D], ks, vs their float32 row scales [blocks * block_size]; q
+    [N, H, D] float32 or bfloat16, and the output in q's dtype."""
+    n, h, d = q.shape
+    q = q if q.is_contiguous() else q.contiguous()
+    assert kq.is_contiguous() and vq.is_contiguous() and ks.is_contiguous() and vs.is_contiguous()
+    tables = tables if tables.dtype == torch.int64 and tables.is_contiguous() \
+        else tables.to(torch.int64).contiguous()
+    ctx = ctx if ctx.dtype == torch.int64 and ctx.is_contiguous() else ctx.to(torch.int64).contiguous()
+    out = torch.empty((n, h, d), dtype=q.dtype)
+    _fn("paged_decode", "hetis_paged_decode_q8", q.dtype)(
+        kq.data_ptr(), vq.data_ptr(), ks.data_ptr(), vs.data_ptr(), q.data_ptr(), tables.data_ptr(),
+        tables.stride(0) if n else 0, ctx.data_ptr(), out.data_ptr(), n, h, d, block_size,
+        float(scale), torch.get_num_threads())
+    return out
+
+
+def kv_write_q8(k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, kq: torch.Tensor,
+                vq: torch.Tensor, ks: torch.Tensor, vs: torch.Tensor) -> None:
+    """Quantise k, v ([N, D], float32 or bfloat16, rows contiguous) into one layer of an
+    8-bit cache at flat ``slots`` (int64 [N]): kv_store.quantize's arithmetic, in one call."""
+    k, v = FusedOps._rows(k), FusedOps._rows(v)
+    slots = slots if slots.dtype == torch.int64 and slots.is_contiguous() \
+        else slots.to(torch.int64).contiguous()
+    n, d = k.shape
+    _fn("fused_ops", "hetis_kv_write_q8", k.dtype)(
+        k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), slots.data_ptr(), kq.data_ptr(),
+        vq.data_ptr(), ks.data_ptr(), vs.data_ptr(), n, d, torch.get_num_threads())
 
 
 def q8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

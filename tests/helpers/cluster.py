@@ -18,12 +18,13 @@ from hetis.up import LocalCluster, service_commands
 class Cluster:
     def __init__(self, attn_workers: int = 0, policy: str = "hetis", dtype: str = "float32",
                  router_args: tuple[str, ...] = (), dense_args: tuple[str, ...] = (),
-                 timeout: float = 240, dense_workers: int = 1, tp: int = 1):
+                 timeout: float = 240, dense_workers: int = 1, tp: int = 1,
+                 kv_cache_dtype: str = "auto"):
         os.environ.setdefault("HETIS_THREADS", "1")
         self.redis = RedisProcess()
         args = argparse.Namespace(attn_workers=attn_workers, port=free_port(), redis_url=self.redis.url,
                                   model=None, dtype=dtype, policy=policy, threads=1,
-                                  dense_workers=dense_workers, tp=tp)
+                                  dense_workers=dense_workers, tp=tp, kv_cache_dtype=kv_cache_dtype)
         cmds = service_commands(args)
         cmds[-1][1].extend(router_args)
         for name, argv in cmds:

@@ -152,6 +152,35 @@ void q8_linear(const T* x, const int8_t* q, const float* d, float* out, int64_t 
     }
 }
 
+// New keys and values into an 8-bit KV cache: each row (one token of one head group)
+// stored as int8 round(x * (127 / max|x|)) with s = max|x| * (1 / 127) kept beside it in
+// float32, written at its flat slot (a product, not x / s: -ffast-math vectorises
+// divisions by a reciprocal estimate, which is not correctly rounded). The same arithmetic as hetis/model/kv_store.py's ``quantize`` (float32
+// division, round half to even), so the two agree bit for bit.
+template <typename T>
+inline void quantize_row(const T* x, int8_t* q, float* s, int64_t d) {
+    float m = 0.f;
+    for (int64_t j = 0; j < d; ++j) m = std::max(m, std::fabs(load(x, j)));
+    const float sc = m * (1.f / 127.f);
+    const float inv = m > 0.f ? 127.f / m : 0.f;   // one scalar division a row (exact)
+    for (int64_t j = 0; j < d; ++j) {
+        const float r = std::nearbyint(load(x, j) * inv);
+        q[j] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, r)));
+    }
+    *s = sc;
+}
+
+template <typename T>
+void kv_write_q8(const T* k, int64_t ks, const T* v, int64_t vs, const int64_t* slots, int8_t* kc,
+                 int8_t* vc, float* kscale, float* vscale, int64_t n, int64_t d, int threads) {
+#pragma omp parallel for num_threads(threads) if (n * d >= 65536)
+    for (int64_t i = 0; i < n; ++i) {
+        const int64_t s = slots[i];
+        quantize_row(k + i * ks, kc + s * d, kscale + s, d);
+        quantize_row(v + i * vs, vc + s * d, vscale + s, d);
+    }
+}
+
 }  // namespace
 
 #define HETIS_FUSED(SUFFIX, T)                                                                   \
@@ -175,10 +204,15 @@ void q8_linear(const T* x, const int8_t* q, const float* d, float* out, int64_t 
     void hetis_q8_linear_##SUFFIX(const T* x, const int8_t* q, const float* d, float* out,      \
                                   int64_t m, int64_t n, int64_t k, int threads) {               \
         q8_linear(x, q, d, out, m, n, k, threads);                                               \
+    }                                                                                            \
+    void hetis_kv_write_q8_##SUFFIX(const T* k, int64_t ks, const T* v, int64_t vs,             \
+                                    const int64_t* slots, int8_t* kc, int8_t* vc, float* ksc,    \
+                                    float* vsc, int64_t n, int64_t d, int threads) {             \
+        kv_write_q8(k, ks, v, vs, slots, kc, vc, ksc, vsc, n, d, threads);                       \
     }
 
 extern "C" {
 HETIS_FUSED(f32, float)
 HETIS_FUSED(bf16, uint16_t)
-int hetis_fused_ops_abi() { return 2; }
+int hetis_fused_ops_abi() { return 3; }
 }
