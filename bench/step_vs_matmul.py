@@ -6,7 +6,9 @@ alike: (a) a whole decode step (``engine.step``: scheduling, projections,
 paged attention, MLP, LM head, sampling, detokenisation) and (b) only that
 step's GEMMs (QKV, O, gate/up, down for every layer, and the LM head, on 32
 rows, with the model's own weights and compute dtype). Reports the median of
-each and their ratio, plus a profile of where the rest goes.
+each and their ratio, plus a profile of where the rest goes. Both run on the
+process's compute thread, as every step does in serving (hetis/model/compute.py:
+steps on another thread would pay for a second OpenMP team).
 
     python -m bench.step_vs_matmul [--dtype bfloat16] [--kv-cache-dtype auto|int8] [--batch 32]
         [--steps 12] [--out DIR]
@@ -41,6 +43,7 @@ def matmuls_only(model, x: torch.Tensor) -> None:
 def main(out_dir: str = "bench/results", dtype: str = "bfloat16", batch: int = 32, steps: int = 12,
          threads: int | None = None, seed: int = 0, kv_cache_dtype: str = "auto") -> dict:
     from hetis import LLM, SamplingParams
+    from hetis.model import compute
     if threads:
         torch.set_num_threads(threads)
     llm = LLM(dtype=dtype, max_num_seqs=batch, max_num_batched_tokens=4096, kv_cache_dtype=kv_cache_dtype)
@@ -52,24 +55,20 @@ def main(out_dir: str = "bench/results", dtype: str = "bfloat16", batch: int = 3
         ids = [rng.randrange(100, vocab - 100) for _ in range(rng.randint(64, 512))]
         eng.add_request(f"b{i}", ids, sp)
     while any(s.num_computed < len(s.prompt_token_ids) for s in eng.seqs.values()):
-        eng.step()  # prefill everything first: what follows are pure decode steps
+        compute.run(eng.step)  # prefill everything first: what follows are pure decode steps
     x = torch.randn(batch, model.cfg.hidden_size, dtype=model.compute_dtype)
     step_t, mm_t = [], []
     for _ in range(2):  # warm-up
-        eng.step()
-        matmuls_only(model, x)
+        compute.run(eng.step)
+        compute.run(matmuls_only, model, x)
     prof = cProfile.Profile()
     for i in range(steps):
         t0 = time.perf_counter()
-        with torch.inference_mode():
-            matmuls_only(model, x)
+        compute.run(torch.inference_mode()(matmuls_only), model, x)
         mm_t.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        if i == steps - 1:
-            prof.enable()
-        outs = eng.step()
-        if i == steps - 1:
-            prof.disable()
+        # the last step profiled (cProfile sees only the thread it is enabled on)
+        outs = compute.run(prof.runcall if i == steps - 1 else (lambda f: f()), eng.step)
         step_t.append(time.perf_counter() - t0)
         assert len(outs) == batch, "every step must be a full decode batch"
     s = io.StringIO()
