@@ -54,7 +54,7 @@ BASE_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++1
 LIBS = {
     "paged_decode": (BASE_FLAGS + ["-ffast-math"], 2),
     "fused_ops": (BASE_FLAGS + ["-ffast-math", "-fno-associative-math", "-fno-reciprocal-math",
-                             "-ffp-contract=off"], 3),
+                             "-ffp-contract=off"], 4),
 }
 _P, _I, _F, _C = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
 SIGNATURES = {
@@ -66,10 +66,12 @@ SIGNATURES = {
         "hetis_rope_split": [_P, _I, _P, _P, _P, _P, _P, _I, _I, _I, _I, _C],
         "hetis_silu_mul": [_P, _I, _P, _I, _I, _C],
         "hetis_q8_linear": [_P, _P, _P, _P, _I, _I, _I, _C],
-        "hetis_kv_write_q8": [_P, _I, _P, _I] + [_P] * 5 + [_I, _I, _C],
+        "hetis_kv_write_q8": [_P, _I, _P, _I] + [_P] * 5 + [_I, _I, _I, _C],
+        "hetis_kv_write": [_P, _I, _P, _I] + [_P] * 3 + [_I, _I, _I],
     },
 }
 SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
+RETURNS_COUNT = {"hetis_kv_write", "hetis_kv_write_q8"}   # rows refused (slot out of range)
 
 _lock = threading.Lock()
 _libs: dict[str, ctypes.CDLL | None] = {}
@@ -147,7 +149,8 @@ def library(name: str = "paged_decode") -> ctypes.CDLL | None:
                 for fn_name, argtypes in SIGNATURES[name].items():
                     for sfx in SUFFIX.values():
                         fn = getattr(lib, f"{fn_name}_{sfx}")
-                        fn.restype, fn.argtypes = None, argtypes
+                        fn.restype = ctypes.c_int64 if fn_name in RETURNS_COUNT else None
+                        fn.argtypes = argtypes
             except (RuntimeError, OSError) as e:
                 log.warning("CPU kernel %s unavailable, using PyTorch operations: %s", name, e)
                 lib = None
@@ -211,6 +214,22 @@ def paged_decode_q8(kq: torch.Tensor, vq: torch.Tensor, ks: torch.Tensor, vs: to
     return out
 
 
+def kv_write(k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, kc: torch.Tensor,
+             vc: torch.Tensor) -> None:
+    """kc[slots] = k and vc[slots] = v for one layer's cache ([slots, D], contiguous) in one
+    call; k, v [N, D] in the cache's dtype. IndexError for slots outside the cache (the
+    others are written)."""
+    k, v = FusedOps._rows(k), FusedOps._rows(v)
+    slots = slots if slots.dtype == torch.int64 and slots.is_contiguous() \
+        else slots.to(torch.int64).contiguous()
+    n, d = k.shape
+    bad = _fn("fused_ops", "hetis_kv_write", k.dtype)(k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0),
+                                                      slots.data_ptr(), kc.data_ptr(), vc.data_ptr(), n, d,
+                                                      kc.shape[0])
+    if bad:
+        raise IndexError(f"KV write: {bad} slots outside the cache's {kc.shape[0]}")
+
+
 def kv_write_q8(k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, kq: torch.Tensor,
                 vq: torch.Tensor, ks: torch.Tensor, vs: torch.Tensor) -> None:
     """Quantise k, v ([N, D], float32 or bfloat16, rows contiguous) into one layer of an
@@ -219,9 +238,11 @@ def kv_write_q8(k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, kq: torch
     slots = slots if slots.dtype == torch.int64 and slots.is_contiguous() \
         else slots.to(torch.int64).contiguous()
     n, d = k.shape
-    _fn("fused_ops", "hetis_kv_write_q8", k.dtype)(
+    bad = _fn("fused_ops", "hetis_kv_write_q8", k.dtype)(
         k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), slots.data_ptr(), kq.data_ptr(),
-        vq.data_ptr(), ks.data_ptr(), vs.data_ptr(), n, d, torch.get_num_threads())
+        vq.data_ptr(), ks.data_ptr(), vs.data_ptr(), n, d, kq.shape[0], torch.get_num_threads())
+    if bad:
+        raise IndexError(f"KV write: {bad} slots outside the cache's {kq.shape[0]}")
 
 
 def q8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -80,7 +80,8 @@ class KVStore:
         if self.quantized:
             self.k_scale = _lazy_zeros((num_layers, num_blocks * block_size), torch.float32, device)
             self.v_scale = _lazy_zeros((num_layers, num_blocks * block_size), torch.float32, device)
-            self._fused = cpu_kernels.supports(self.k, "fused_ops", dtype)
+        # the write in one call (CPU kernels); else index_copy_ / the PyTorch quantiser
+        self._fused = cpu_kernels.supports(self.k, "fused_ops", dtype)
 
     @property
     def token_bytes(self) -> float:
@@ -90,10 +91,13 @@ class KVStore:
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store new keys/values ([N, D], in ``dtype``) at flat slot indices ([N])."""
-        if not self.quantized:
+        fused = self._fused and k.dtype == v.dtype == self.dtype
+        if not self.quantized and fused:
+            cpu_kernels.kv_write(k, v, slots, self.k_flat[layer], self.v_flat[layer])
+        elif not self.quantized:
             self.k_flat[layer].index_copy_(0, slots, k)
             self.v_flat[layer].index_copy_(0, slots, v)
-        elif self._fused and k.dtype == v.dtype and k.dtype in cpu_kernels.SUFFIX:
+        elif fused:
             cpu_kernels.kv_write_q8(k, v, slots, self.k_flat[layer], self.v_flat[layer],
                                     self.k_scale[layer], self.v_scale[layer])
         else:

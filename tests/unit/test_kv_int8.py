@@ -136,3 +136,17 @@ def test_without_kernels_the_int8_cache_still_serves(monkeypatch):
     be.begin_step(items)
     out = be.attend(0, torch.randn(5, 3, 64), torch.randn(5, 64), torch.randn(5, 64))
     assert out.shape == (5, 3, 64) and not out.isnan().any()
+
+
+@needs_compiler
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8"])
+def test_fused_write_refuses_slots_outside_the_cache(kv_cache_dtype):
+    """The one-call writes check their slots as index_copy_ does: IndexError, nothing
+    written past the cache."""
+    st = KVStore(1, 4, 4, 8, torch.float32, kv_cache_dtype=kv_cache_dtype)
+    assert st._fused
+    for bad in (16, -1):
+        with pytest.raises(IndexError, match="outside the cache"):
+            st.write(0, torch.tensor([0, bad]), torch.ones(2, 8), torch.ones(2, 8))
+    st.write(0, torch.tensor([15]), torch.full((1, 8), 2.0), torch.ones(1, 8))
+    assert st.export([3], 4)[0][0, 3].eq(2.0).all()
