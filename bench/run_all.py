@@ -1,6 +1,7 @@
 """`make bench`: the serving benchmarks on one fixed workload, results in bench/results/.
 
-    .venv/bin/python -m bench.run_all [--quick] [--dtype D] [--threads T] [--mesh-threads T]
+    .venv/bin/python -m bench.run_all [--quick] [--dtype D] [--kv-cache-dtype K] [--threads T]
+        [--mesh-threads T]
 
 Workload: 64 requests, prompts of 64-512 tokens (uniform), 128 output tokens each,
 ignore_eos, all sent at t=0 (--quick: 16 requests, 32 output tokens).
@@ -38,7 +39,7 @@ import traceback
 from datetime import datetime, timezone
 from types import SimpleNamespace
 
-from hetis.defaults import DTYPE_NAMES
+from hetis.defaults import DTYPE_NAMES, KV_CACHE_DTYPES
 
 OUT = pathlib.Path(__file__).resolve().parent / "results"
 
@@ -60,7 +61,8 @@ def bench(argv: list[str]) -> dict:
 
 def start_mesh(threads: int, log_dir: str, dtype: str = "bfloat16", attn_workers: int = 2,
                dense_workers: int = 1, tp: int = 1, dense_kv_tokens: int | None = None,
-               router_args: tuple[str, ...] = (), dense_args: tuple[str, ...] = ()):
+               router_args: tuple[str, ...] = (), dense_args: tuple[str, ...] = (),
+               kv_cache_dtype: str = "auto"):
     """(redis, cluster, router address): ``hetis up``'s machinery, policy hetis; extra
     flags for the router and the dense workers (e.g. ``--device cuda``)."""
     from hetis.mesh.redisproc import RedisProcess, free_port
@@ -68,7 +70,8 @@ def start_mesh(threads: int, log_dir: str, dtype: str = "bfloat16", attn_workers
     redis = RedisProcess()
     ns = SimpleNamespace(attn_workers=attn_workers, port=free_port(), redis_url=redis.url,
                          model=None, dtype=dtype, policy="hetis", threads=threads,
-                         dense_workers=dense_workers, tp=tp, dense_kv_tokens=dense_kv_tokens)
+                         dense_workers=dense_workers, tp=tp, dense_kv_tokens=dense_kv_tokens,
+                         kv_cache_dtype=kv_cache_dtype)
     cmds = service_commands(ns)
     for name, argv in cmds:
         argv += router_args if name == "router" else dense_args if name.startswith("dense") else ()
@@ -84,21 +87,22 @@ def start_mesh(threads: int, log_dir: str, dtype: str = "bfloat16", attn_workers
     return redis, cluster, router
 
 
-def engine_vs_hf(out_dir: pathlib.Path, quick: bool, threads: int, dtype: str) -> dict:
-    return bench(["--engine", "local", "--dtype", dtype, "--threads", str(threads),
+def engine_vs_hf(out_dir: pathlib.Path, quick: bool, threads: int, dtype: str, kv: str = "auto") -> dict:
+    return bench(["--engine", "local", "--dtype", dtype, "--threads", str(threads), "--kv-cache-dtype", kv,
                   *workload_flags(quick), "--baseline", "hf", "--baseline-batch", "8",
                   "--out", str(out_dir / "engine_vs_hf.json"),
                   "--plot", str(out_dir / "engine_vs_hf.png")])
 
 
 def mesh_vs_engine(out_dir: pathlib.Path, quick: bool, threads: int, dtype: str,
-                   engine: dict | None, predict: bool = False) -> dict:
+                   engine: dict | None, predict: bool = False, kv: str = "auto") -> dict:
     """The mesh, then (unless ``engine`` was measured with the same threads) the engine."""
     log_dir = tempfile.mkdtemp(prefix="hetis-bench-mesh-")
     print(f"\nstarting the mesh (2 attention workers, {dtype}, {threads} thread(s) per "
           f"service; logs in {log_dir})", flush=True)
     step_log = os.path.join(log_dir, "steps.jsonl")
-    redis, cluster, router = start_mesh(threads, log_dir, dtype, router_args=("--step-log", step_log))
+    redis, cluster, router = start_mesh(threads, log_dir, dtype, router_args=("--step-log", step_log),
+                                        kv_cache_dtype=kv)
     try:
         mesh = bench(["--target", router, "--threads", str(threads), *workload_flags(quick)])
         mesh["step_breakdown"] = step_breakdown(router)
@@ -114,7 +118,7 @@ def mesh_vs_engine(out_dir: pathlib.Path, quick: bool, threads: int, dtype: str,
         redis.stop()
     if engine is None or engine["threads"] != threads or engine["dtype"] != dtype:
         engine = bench(["--engine", "local", "--dtype", dtype, "--threads", str(threads),
-                        *workload_flags(quick)])
+                        "--kv-cache-dtype", kv, *workload_flags(quick)])
     engine = {k: v for k, v in engine.items() if k not in ("baseline", "speedup_vs_baseline")}
     res = {"mesh": mesh, "engine": engine, "threads_per_process": threads,
            "mesh_vs_engine": mesh["output_throughput"] / max(engine["output_throughput"], 1e-12)}
@@ -145,7 +149,7 @@ def step_breakdown(router: str) -> dict:
     return out
 
 
-def step_vs_matmul(out_dir: pathlib.Path, threads: int) -> dict:
+def step_vs_matmul(out_dir: pathlib.Path, threads: int, kv: str = "auto") -> dict:
     try:
         mod = importlib.import_module("bench.step_vs_matmul")
     except ModuleNotFoundError as e:
@@ -154,7 +158,7 @@ def step_vs_matmul(out_dir: pathlib.Path, threads: int) -> dict:
         raise RuntimeError("bench/step_vs_matmul.py is not there yet; skipped") from None
     if not hasattr(mod, "main"):
         raise RuntimeError("bench/step_vs_matmul.py has no main(out_dir); skipped")
-    return mod.main(out_dir, threads=threads)   # explicit: mesh_vs_engine leaves torch at --mesh-threads
+    return mod.main(out_dir, threads=threads, kv_cache_dtype=kv)   # threads explicit: mesh_vs_engine leaves torch at --mesh-threads
 
 
 def main(argv=None) -> int:
@@ -169,6 +173,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", choices=DTYPE_NAMES, default="bfloat16",
                     help="the engine's and the mesh's dtype (default %(default)s; the HF "
                     "baseline is float32 either way)")
+    ap.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
+                    help="the engine's and the mesh workers' KV cache (default %(default)s)")
     ap.add_argument("--out-dir", default=str(OUT), help="default %(default)s")
     ap.add_argument("--only", nargs="+", choices=["engine_vs_hf", "sim_vs_real", "gemm_floor",
                                                   "mesh_vs_engine", "step_vs_matmul", "gemm_profile"],
@@ -185,7 +191,8 @@ def main(argv=None) -> int:
         parts = ["engine_vs_hf", *parts]
     n, out_len = (16, 32) if args.quick else (64, 128)
     summary = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-               "quick": args.quick, "dtype": args.dtype, "threads": args.threads, "mesh_threads": args.mesh_threads,
+               "quick": args.quick, "dtype": args.dtype, "kv_cache_dtype": args.kv_cache_dtype,
+               "threads": args.threads, "mesh_threads": args.mesh_threads,
                "workload": {"num_prompts": n, "input_len": [64, 512], "output_len": out_len,
                             "ignore_eos": True, "request_rate": "inf", "seed": 0},
                "engine_vs_hf": None, "mesh_vs_engine": None, "step_vs_matmul": None,
@@ -197,7 +204,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     if "engine_vs_hf" in parts:
         try:
-            r = engine_vs_hf(out_dir, args.quick, args.threads, args.dtype)
+            r = engine_vs_hf(out_dir, args.quick, args.threads, args.dtype, args.kv_cache_dtype)
             engine = r
             summary["engine_vs_hf"] = r["speedup_vs_baseline"]
             th["engine_output_tok_s"] = r["output_throughput"]
@@ -236,7 +243,7 @@ def main(argv=None) -> int:
     if "mesh_vs_engine" in parts:
         try:
             r = mesh_vs_engine(out_dir, args.quick, args.mesh_threads, args.dtype, engine,
-                               predict="sim_vs_real" in parts)
+                               predict="sim_vs_real" in parts, kv=args.kv_cache_dtype)
             summary["mesh_vs_engine"] = r["mesh_vs_engine"]
             pred = r["mesh"].get("prediction") or {}
             if "predicted_output_tok_s" in pred:
@@ -256,7 +263,7 @@ def main(argv=None) -> int:
             traceback.print_exc()
     if "step_vs_matmul" in parts:
         try:
-            r = step_vs_matmul(out_dir, args.threads)
+            r = step_vs_matmul(out_dir, args.threads, args.kv_cache_dtype)
             summary["step_vs_matmul"] = r["step_vs_matmul"]
             summary["step_vs_matmul_detail"] = {k: v for k, v in r.items() if k != "profile_last_step"}
         except RuntimeError as e:
