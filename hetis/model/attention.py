@@ -48,6 +48,7 @@ class _Decode:
     mask: torch.Tensor | None   # [Nd, 1, 1, B * block_size] True where attended
     buf: tuple | None = None    # preallocated gather outputs, reused by every layer
     ctx: torch.Tensor | None = None  # [Nd] tokens attended (paged kernel)
+    call: cpu_kernels.PagedDecode | None = None  # the paged kernel's call, prepared once a step
 
 
 @dataclass
@@ -134,9 +135,12 @@ class AttentionBackend:
 
     def begin_step(self, items: list[AttnItem]) -> None:
         self.layout = lay = StepLayout.build(items, self.block_size, self.device, self.paged)
-        dt, dev = self.store.dtype, self.store.k.device
+        st = self.store
+        dt, dev = st.dtype, st.k.device
         for d in lay.decodes:
             if d.ctx is not None:
+                d.call = cpu_kernels.PagedDecode(st.layer_ptrs, dt, st.quantized, d.tables, d.ctx,
+                                                 self.block_size, self.scale)
                 continue
             n, b = d.tables.shape
             shape = (n, b * self.block_size, self.head_dim)
@@ -153,13 +157,8 @@ class AttentionBackend:
         out = None if len(lay.decodes) == 1 and lay.decodes[0].rows is None else torch.empty_like(q)
         for d in lay.decodes:
             qd = q if d.rows is None else q[d.rows]
-            if d.ctx is not None and st.quantized:
-                o = cpu_kernels.paged_decode_q8(st.k_flat[layer], st.v_flat[layer], st.k_scale[layer],
-                                                st.v_scale[layer], qd, d.tables, d.ctx, self.block_size,
-                                                self.scale)
-            elif d.ctx is not None:
-                o = cpu_kernels.paged_decode(st.k_flat[layer], st.v_flat[layer], qd, d.tables, d.ctx,
-                                              self.block_size, self.scale)
+            if d.call is not None:
+                o = d.call(layer, qd)
             else:
                 kc, vc = st.gather(layer, d.tables, d.buf)
                 o = F.scaled_dot_product_attention(qd.unsqueeze(1), kc.unsqueeze(1), vc.unsqueeze(1),

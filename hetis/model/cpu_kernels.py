@@ -164,7 +164,8 @@ def supports(t: torch.Tensor, name: str = "paged_decode", dtype: torch.dtype | N
     return t.device.type == "cpu" and (dtype or t.dtype) in SUFFIX and library(name) is not None
 
 
-def _fn(name: str, op: str, dtype: torch.dtype):
+def function(name: str, op: str, dtype: torch.dtype):
+    """Kernel ``op`` of library ``name`` for ``dtype`` (ctypes; the library must load)."""
     return getattr(library(name), f"{op}_{SUFFIX[dtype]}")
 
 
@@ -187,62 +188,43 @@ def paged_decode(k_layer: torch.Tensor, v_layer: torch.Tensor, q: torch.Tensor, 
     ctx = ctx if ctx.dtype == torch.int64 and ctx.is_contiguous() else ctx.to(torch.int64).contiguous()
     if out is None:
         out = torch.empty((n, h, d), dtype=dt)
-    _fn("paged_decode", "hetis_paged_decode", dt)(
+    function("paged_decode", "hetis_paged_decode", dt)(
         k_layer.data_ptr(), v_layer.data_ptr(), q.data_ptr(), tables.data_ptr(),
         tables.stride(0) if n else 0, ctx.data_ptr(), out.data_ptr(), n, h, d, block_size,
         float(scale), torch.get_num_threads())
     return out
 
 
-def paged_decode_q8(kq: torch.Tensor, vq: torch.Tensor, ks: torch.Tensor, vs: torch.Tensor,
-                    q: torch.Tensor, tables: torch.Tensor, ctx: torch.Tensor, block_size: int,
-                    scale: float) -> torch.Tensor:
-    """:func:`paged_decode` over an 8-bit cache (hetis/model/kv_store.py): kq, vq int8
-    [blocks * block_size, D], ks, vs their float32 row scales [blocks * block_size]; q
-    [N, H, D] float32 or bfloat16, and the output in q's dtype."""
-    n, h, d = q.shape
-    q = q if q.is_contiguous() else q.contiguous()
-    assert kq.is_contiguous() and vq.is_contiguous() and ks.is_contiguous() and vs.is_contiguous()
-    tables = tables if tables.dtype == torch.int64 and tables.is_contiguous() \
-        else tables.to(torch.int64).contiguous()
-    ctx = ctx if ctx.dtype == torch.int64 and ctx.is_contiguous() else ctx.to(torch.int64).contiguous()
-    out = torch.empty((n, h, d), dtype=q.dtype)
-    _fn("paged_decode", "hetis_paged_decode_q8", q.dtype)(
-        kq.data_ptr(), vq.data_ptr(), ks.data_ptr(), vs.data_ptr(), q.data_ptr(), tables.data_ptr(),
-        tables.stride(0) if n else 0, ctx.data_ptr(), out.data_ptr(), n, h, d, block_size,
-        float(scale), torch.get_num_threads())
-    return out
+class PagedDecode:
+    """One step's decode batch for :func:`paged_decode` (or its 8-bit twin), prepared once
+    and called once per layer: the block tables', the lengths' and every layer's cache
+    pointers are taken here, so a layer's call is the kernel and little else (at one
+    stream the checks and conversions of :func:`paged_decode` cost twice the kernel).
 
+    ``layers``: per layer, the cache tensors' data pointers (k, v; for an 8-bit cache
+    k, v, k scales, v scales: hetis/model/kv_store.py ``KVStore.layer_ptrs``)."""
 
-def kv_write(k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, kc: torch.Tensor,
-             vc: torch.Tensor) -> None:
-    """kc[slots] = k and vc[slots] = v for one layer's cache ([slots, D], contiguous) in one
-    call; k, v [N, D] in the cache's dtype. IndexError for slots outside the cache (the
-    others are written)."""
-    k, v = FusedOps._rows(k), FusedOps._rows(v)
-    slots = slots if slots.dtype == torch.int64 and slots.is_contiguous() \
-        else slots.to(torch.int64).contiguous()
-    n, d = k.shape
-    bad = _fn("fused_ops", "hetis_kv_write", k.dtype)(k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0),
-                                                      slots.data_ptr(), kc.data_ptr(), vc.data_ptr(), n, d,
-                                                      kc.shape[0])
-    if bad:
-        raise IndexError(f"KV write: {bad} slots outside the cache's {kc.shape[0]}")
+    def __init__(self, layers: list[tuple[int, ...]], dtype: torch.dtype, quantized: bool,
+                 tables: torch.Tensor, ctx: torch.Tensor, block_size: int, scale: float):
+        self.layers, self.dtype, self.bs, self.scale = layers, dtype, block_size, float(scale)
+        self.tables = tables.to(torch.int64).contiguous()   # kept: the kernel reads them
+        self.ctx = ctx.to(torch.int64).contiguous()
+        self.n = len(self.ctx)
+        self.fn = function("paged_decode", "hetis_paged_decode_q8" if quantized else "hetis_paged_decode",
+                           dtype)
+        self.tail = (self.tables.data_ptr(), self.tables.stride(0) if self.n else 0, self.ctx.data_ptr())
 
-
-def kv_write_q8(k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, kq: torch.Tensor,
-                vq: torch.Tensor, ks: torch.Tensor, vs: torch.Tensor) -> None:
-    """Quantise k, v ([N, D], float32 or bfloat16, rows contiguous) into one layer of an
-    8-bit cache at flat ``slots`` (int64 [N]): kv_store.quantize's arithmetic, in one call."""
-    k, v = FusedOps._rows(k), FusedOps._rows(v)
-    slots = slots if slots.dtype == torch.int64 and slots.is_contiguous() \
-        else slots.to(torch.int64).contiguous()
-    n, d = k.shape
-    bad = _fn("fused_ops", "hetis_kv_write_q8", k.dtype)(
-        k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), slots.data_ptr(), kq.data_ptr(),
-        vq.data_ptr(), ks.data_ptr(), vs.data_ptr(), n, d, kq.shape[0], torch.get_num_threads())
-    if bad:
-        raise IndexError(f"KV write: {bad} slots outside the cache's {kq.shape[0]}")
+    def __call__(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        """q [N, H, D] (N the step's decode items) -> [N, H, D] in the store's dtype."""
+        n, h, d = q.shape
+        if n != self.n:
+            raise ValueError(f"paged decode: {n} query rows for a step of {self.n} items")
+        if q.dtype != self.dtype or not q.is_contiguous():
+            q = q.to(self.dtype).contiguous()
+        out = torch.empty((n, h, d), dtype=self.dtype)
+        self.fn(*self.layers[layer], q.data_ptr(), *self.tail, out.data_ptr(), n, h, d, self.bs, self.scale,
+                torch.get_num_threads())
+        return out
 
 
 def q8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -252,7 +234,7 @@ def q8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Te
     m, k = x.shape
     n = q.shape[0]
     out = torch.empty((m, n), dtype=torch.float32)
-    _fn("fused_ops", "hetis_q8_linear", x.dtype)(x.data_ptr(), q.data_ptr(), scale.data_ptr(), out.data_ptr(),
+    function("fused_ops", "hetis_q8_linear", x.dtype)(x.data_ptr(), q.data_ptr(), scale.data_ptr(), out.data_ptr(),
                                                  m, n, k, torch.get_num_threads())
     return out
 
@@ -264,13 +246,15 @@ class FusedOps:
 
     def __init__(self, dtype: torch.dtype):
         self.dtype = dtype
-        self._rms = _fn("fused_ops", "hetis_rms_norm", dtype)
-        self._add_rms = _fn("fused_ops", "hetis_add_rms_norm", dtype)
-        self._rope = _fn("fused_ops", "hetis_rope_split", dtype)
-        self._silu = _fn("fused_ops", "hetis_silu_mul", dtype)
+        self._rms = function("fused_ops", "hetis_rms_norm", dtype)
+        self._add_rms = function("fused_ops", "hetis_add_rms_norm", dtype)
+        self._rope = function("fused_ops", "hetis_rope_split", dtype)
+        self._silu = function("fused_ops", "hetis_silu_mul", dtype)
 
     @staticmethod
     def _rows(x: torch.Tensor) -> torch.Tensor:
+        if x.is_contiguous():   # the common case, in one call
+            return x
         return x if x.stride(-1) == 1 and (x.dim() == 1 or x.stride(0) >= x.shape[-1]) else x.contiguous()
 
     def rms_norm(self, x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:

@@ -158,7 +158,7 @@ class Executor:
         def attend(layer, q, k, v):
             T = q.shape[0]
             q4 = q.view(T, G, qpg, D)
-            out = torch.zeros_like(q4) if failed else torch.empty_like(q4)
+            out = None   # allocated unless one local backend returns the whole output
             pending = []
             for b in order:
                 ix = index[b]
@@ -171,6 +171,8 @@ class Executor:
                     times.local_attn += time.perf_counter() - ta
                     o = o.view(T, G * qpg, D)
                     return o if o.dtype == q.dtype else o.to(q.dtype)
+                if out is None:
+                    out = torch.zeros_like(q4) if failed else torch.empty_like(q4)
                 if getattr(be, "remote", False):
                     remote(b, be.send, layer, q4[ix.rows, ix.grp], k[ix.rows, ix.grp], v[ix.rows, ix.grp])
                     pending.append(b)
@@ -188,6 +190,8 @@ class Executor:
                 else:  # failed now or before: zeros, the step's result is void anyway
                     out[ix.rows, ix.grp] = 0
                 times.exchange_wait += time.perf_counter() - tw
+            if out is None:   # no backend had rows of this step (nothing to attend)
+                out = torch.zeros_like(q4)
             return out.view(T, G * qpg, D)
 
         long = dict(dtype=torch.long, device=self.device)

@@ -82,6 +82,12 @@ class KVStore:
             self.v_scale = _lazy_zeros((num_layers, num_blocks * block_size), torch.float32, device)
         # the write in one call (CPU kernels); else index_copy_ / the PyTorch quantiser
         self._fused = cpu_kernels.supports(self.k, "fused_ops", dtype)
+        if self._fused:
+            self._write = cpu_kernels.function("fused_ops", "hetis_kv_write_q8" if self.quantized
+                                               else "hetis_kv_write", dtype)
+        parts = (self.k_flat, self.v_flat) + ((self.k_scale, self.v_scale) if self.quantized else ())
+        # every layer's cache pointers, taken once (the kernels' arguments)
+        self.layer_ptrs = [tuple(t[layer].data_ptr() for t in parts) for layer in range(num_layers)]
 
     @property
     def token_bytes(self) -> float:
@@ -91,15 +97,17 @@ class KVStore:
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store new keys/values ([N, D], in ``dtype``) at flat slot indices ([N])."""
-        fused = self._fused and k.dtype == v.dtype == self.dtype
-        if not self.quantized and fused:
-            cpu_kernels.kv_write(k, v, slots, self.k_flat[layer], self.v_flat[layer])
+        if self._fused and k.dtype == v.dtype == self.dtype and slots.dtype == torch.int64 \
+                and k.is_contiguous() and v.is_contiguous() and slots.is_contiguous():
+            n, d = k.shape
+            cap = self.k_flat.shape[1]
+            args = (k.data_ptr(), d, v.data_ptr(), d, slots.data_ptr(), *self.layer_ptrs[layer], n, d, cap)
+            bad = self._write(*args, torch.get_num_threads()) if self.quantized else self._write(*args)
+            if bad:   # those rows were not written (fused_ops.cpp)
+                raise IndexError(f"KV write: {bad} slots outside the cache's {cap}")
         elif not self.quantized:
             self.k_flat[layer].index_copy_(0, slots, k)
             self.v_flat[layer].index_copy_(0, slots, v)
-        elif fused:
-            cpu_kernels.kv_write_q8(k, v, slots, self.k_flat[layer], self.v_flat[layer],
-                                    self.k_scale[layer], self.v_scale[layer])
         else:
             for x, q, s in ((k, self.k_flat, self.k_scale), (v, self.v_flat, self.v_scale)):
                 xq, xs = quantize(x)

@@ -45,6 +45,9 @@ import torch
 GROUP = 32
 Q4_TYPES = ("Q4_0", "Q4_1")
 INT4_MAX_ROWS = 4   # above this the dense GEMM is faster on the CPUs measured (module doc)
+# the kernel's overload itself: calling it through torch.ops.aten's packet resolves the
+# overload on every call, 3-4 us of a 7-25 us one-row matmul (120 of them a token)
+_INT4_MM = torch.ops.aten._weight_int4pack_mm_for_cpu.default
 Q8_MAX_ROWS = 4     # the same for the Q8_0 LM head (docs/cpu.md)
 
 
@@ -122,7 +125,7 @@ class Int4Weight:
         if sz is None:
             sz = self._sz[x.dtype] = torch.stack([self.scale.t(), self.zero.t()], -1).to(
                 x.dtype).contiguous()
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), self._packed, GROUP, sz)
+        return _INT4_MM(x.contiguous(), self._packed, GROUP, sz)
 
     @staticmethod
     def cat(parts: list["Int4Weight"]) -> "Int4Weight":
@@ -135,6 +138,9 @@ def linear(x: torch.Tensor, w) -> torch.Tensor:
     """``F.linear(x, w)`` for a dense weight or an :class:`Int4Weight` (its int4 kernel for
     a bfloat16 matmul of at most INT4_MAX_ROWS rows, its dense copy otherwise)."""
     if isinstance(w, Int4Weight):
+        if x.dim() == 2 and x.shape[0] <= INT4_MAX_ROWS and w._packed is not None \
+                and x.dtype == torch.bfloat16:   # a decode step's rows: no reshapes around it
+            return w.matmul(x)
         rows = x.numel() // x.shape[-1]
         if w.dense is None or (w._packed is not None and rows <= INT4_MAX_ROWS
                                and x.dtype == torch.bfloat16):
