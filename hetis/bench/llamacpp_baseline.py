@@ -218,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", default="2")
     ap.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
     ap.add_argument("--weights", nargs="+", choices=("dense", "gguf"), default=["dense", "gguf"])
+    ap.add_argument("--kv-cache-dtype", nargs="+", choices=("auto", "int8"), default=["auto"],
+                    help="Hetis's KV cache, each in its own pair of runs (llama.cpp keeps its "
+                    "default f16 cache; default auto)")
     a = ap.parse_args(argv)
     from hetis.bench.cli import UsageError, run_with_baseline
     from hetis.bench.report import write_json
@@ -234,9 +237,9 @@ def main(argv: list[str] | None = None) -> int:
            "workloads": {}}
     for name in a.workloads:
         runs = {}
-        for w in a.weights:
+        for w, kv in [(w, kv) for w in a.weights for kv in a.kv_cache_dtype]:
             cmd = ["bench", "--engine", "local", "--threads", a.threads, "--dtype", "bfloat16",
-                   "--weights", w,
+                   "--weights", w, *(["--kv-cache-dtype", kv] if kv != "auto" else []),
                    "--baseline", "llama.cpp", "--disable-tqdm", *WORKLOADS[name]]
             args = build_parser().parse_args(cmd)
             print(f"== {name}, Hetis weights {w}: hetis {' '.join(cmd)}", file=sys.stderr)
@@ -246,8 +249,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"error: {e}", file=sys.stderr)
                 return 2
             b = r["baseline"]
-            runs[f"hetis_{'bf16' if w == 'dense' else 'gguf'}"] = {
+            key = f"hetis_{'bf16' if w == 'dense' else 'gguf'}" + ("" if kv == "auto" else f"_kv_{kv}")
+            runs[key] = {
                 "command": "hetis " + " ".join(cmd), "dtype": r.get("dtype"), "weights": w,
+                "kv_cache_dtype": kv,
                 "hetis": {**{k: r[k] for k in _KEEP}, "decode_tok_s": decode_rate(r)},
                 "llamacpp": {**{k: b[k] for k in _KEEP}, "decode_tok_s": decode_rate(b),
                              **{k: b[k] for k in ("llama_cpp_python", "n_slots", "n_ctx",
