@@ -150,3 +150,52 @@ def test_fused_write_refuses_slots_outside_the_cache(kv_cache_dtype):
             st.write(0, torch.tensor([0, bad]), torch.ones(2, 8), torch.ones(2, 8))
     st.write(0, torch.tensor([15]), torch.full((1, 8), 2.0), torch.ones(1, 8))
     assert st.export([3], 4)[0][0, 3].eq(2.0).all()
+
+
+@needs_compiler
+def test_paged_decode_call_checks_its_rows():
+    be = AttentionBackend(1, 900, 16, 64, 3, torch.float32)
+    items = _step(random.Random(5), 900, 16, prefill=False)[:4]
+    be.begin_step(items)
+    call = be.layout.decodes[0].call
+    assert call is not None
+    with pytest.raises(ValueError, match="3 query rows for a step of 4 items"):
+        call(0, torch.randn(3, 3, 64))
+
+
+_GENERIC = """
+import torch, sys
+from hetis.model.attention import AttentionBackend
+from hetis.engine.step import AttnItem
+torch.manual_seed(0)
+out = {}
+for kv in ("auto", "int8"):
+    be = AttentionBackend(1, 64, 16, 64, 3, torch.bfloat16, kv_cache_dtype=kv)
+    fill = torch.arange(64 * 16)
+    be.store.write(0, fill, torch.randn(64 * 16, 64).to(torch.bfloat16), torch.randn(64 * 16, 64).to(torch.bfloat16))
+    items = [AttnItem(i, 0, n - 1, 1, list(range(4 * i, 4 * i + 4))) for i, n in enumerate((1, 17, 40, 64))]
+    be.begin_step(items)
+    q = torch.randn(4, 3, 64).to(torch.bfloat16)
+    out[kv] = be.attend(0, q, torch.randn(4, 64).to(torch.bfloat16), torch.randn(4, 64).to(torch.bfloat16))
+torch.save(out, sys.argv[1])
+"""
+
+
+@needs_compiler
+def test_generic_loops_match_the_vector_ones(tmp_path):
+    """HETIS_PAGED_GENERIC=1 (what CPUs without AVX-512 run, for either cache) against
+    this CPU's default loops, on the same items: the same results to bf16 rounding."""
+    import os
+    import subprocess
+    import sys
+    outs = []
+    for generic in ("1", None):
+        env = {k: v for k, v in os.environ.items() if k != "HETIS_PAGED_GENERIC"}
+        if generic:
+            env["HETIS_PAGED_GENERIC"] = generic
+        path = tmp_path / f"out-{generic}.pt"
+        subprocess.run([sys.executable, "-c", _GENERIC, str(path)], env=env, check=True, timeout=120)
+        outs.append(torch.load(path))
+    for kv in ("auto", "int8"):
+        a, b = outs[0][kv].float(), outs[1][kv].float()
+        assert a.abs().max() > 0 and torch.allclose(a, b, atol=2e-2, rtol=2e-2), (kv, (a - b).abs().max())
