@@ -63,9 +63,10 @@ class StepLayout:
 
     @classmethod
     def build(cls, items: list[AttnItem], block_size: int, device="cpu",
-              paged: bool = False) -> "StepLayout":
+              paged: bool = False, paged_prefill: bool = False) -> "StepLayout":
         """``paged``: the decode items go to the paged kernel in one batch (no buckets,
-        no padding, no mask)."""
+        no padding, no mask). ``paged_prefill`` (with ``paged``): every packed row does,
+        a prefill chunk's token being one query over its own prefix of the cache."""
         if not items:
             return cls(0, torch.empty(0, dtype=torch.long))
         n_new = torch.tensor([it.num_new for it in items])
@@ -77,6 +78,9 @@ class StepLayout:
         pos = starts[item_of_row] + torch.arange(int(n_new.sum())) - row_base[item_of_row]
         slots = tables[item_of_row, pos // block_size] * block_size + pos % block_size
         lay = cls(int(n_new.sum()), slots.to(device))
+        if paged and paged_prefill:
+            lay.decodes.append(_Decode(None, tables[item_of_row].to(device), None, ctx=(pos + 1).to(device)))
+            return lay
         dec = (n_new == 1).nonzero().flatten()
         if len(dec) and paged:
             lay.decodes.append(_Decode(None if len(dec) == len(items) else row_base[dec].to(device),
@@ -131,10 +135,15 @@ class AttentionBackend:
         self.device = device
         self.layout = StepLayout(0, torch.empty(0, dtype=torch.long))
         self.paged = cpu_kernels.supports(self.store.k, dtype=self.store.dtype) if paged is None else paged
+        # prefill chunks through the paged kernel too, one query token at a time over its
+        # prefix (bf16 caches: PyTorch's flash SDPA converts them to float32 for MKL's sgemm,
+        # and this is faster; docs/cpu.md). Float32 keeps PyTorch's SDPA, the reference.
+        self.paged_prefill = self.paged and self.store.dtype == torch.bfloat16
         self.scale = head_dim ** -0.5
 
     def begin_step(self, items: list[AttnItem]) -> None:
-        self.layout = lay = StepLayout.build(items, self.block_size, self.device, self.paged)
+        self.layout = lay = StepLayout.build(items, self.block_size, self.device, self.paged,
+                                             self.paged_prefill)
         st = self.store
         dt, dev = st.dtype, st.k.device
         for d in lay.decodes:

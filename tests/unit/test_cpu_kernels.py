@@ -54,6 +54,7 @@ def test_kernel_matches_gather_and_sdpa(dtype, tol, prefill):
     fast = AttentionBackend(L, nb, bs, D, qpg, dtype)
     slow = AttentionBackend(L, nb, bs, D, qpg, dtype, paged=False)
     assert fast.paged and not slow.paged
+    assert fast.paged_prefill == (dtype == torch.bfloat16)   # bf16 prefill chunks: the kernel too
     fast.store.k.normal_(), fast.store.v.normal_()
     slow.store.k.copy_(fast.store.k), slow.store.v.copy_(fast.store.v)
     for _ in range(3):
