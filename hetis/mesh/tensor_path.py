@@ -270,7 +270,7 @@ class AttentionLoop:
     def run(self) -> None:
         be = self.backend
         qpg, D = be.qpg, be.head_dim
-        dtype = be.store.k.dtype
+        dtype = be.store.dtype   # the wire carries the model's dtype, whatever the cache stores
         while True:
             cmd, n = self._recv(2, torch.int64).tolist()
             self.last_seen = time.monotonic()

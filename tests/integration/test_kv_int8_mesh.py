@@ -9,7 +9,7 @@ import pytest
 
 from hetis import LLM, SamplingParams
 from hetis.v1 import generation_pb2 as pb
-from hetis.v1 import generation_pb2_grpc
+from hetis.v1 import generation_pb2_grpc, worker_pb2, worker_pb2_grpc
 from tests.helpers.cluster import Cluster
 
 N_TOK = 12
@@ -36,4 +36,14 @@ def test_int8_caches_across_the_mesh_give_the_in_process_int8_tokens(cluster, pr
             got = [t for c in stub.Generate(req, timeout=300) for t in c.token_ids]
             assert got == ref.generate({"prompt_token_ids": p}, sp)[0].token_ids
     with open(f"{cluster.log_dir}/attn-0.log") as f:
-        assert "int8 rows with float32 scales" in f.read()
+        log = f.read()
+    assert "int8 rows with float32 scales" in log
+    # the attention worker computed its groups itself: no channel failed over to the
+    # dense worker (which would give the same tokens, by recovery)
+    assert "tensor channel" in log and "ended" not in log, log[-2000:]
+    with grpc.insecure_channel(cluster.attn_addrs[0]) as ch:
+        s = worker_pb2_grpc.AttentionWorkerStub(ch).Stats(worker_pb2.StatsRequest(), timeout=10)
+    assert s.joined and s.steps >= 3 * N_TOK
+    with open(f"{cluster.log_dir}/router.log") as f:
+        router_log = f.read()
+    assert "lost" not in router_log.lower() and "failed" not in router_log.lower(), router_log[-2000:]
