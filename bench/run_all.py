@@ -59,6 +59,20 @@ def bench(argv: list[str]) -> dict:
     return run(args, log=lambda msg: print(msg, file=sys.stderr, flush=True))
 
 
+def bench_fresh(argv: list[str]) -> dict:
+    """One ``hetis bench`` run in a process of its own: a thread count set where this
+    process already ran parallel regions at another does not hold for every library
+    (the one-thread engine beside the one-thread mesh measured 460-515 tok/s here, 297-300
+    in a process of its own, against the 2-thread engine's 427-567)."""
+    import subprocess
+    with tempfile.TemporaryDirectory() as d:
+        out = os.path.join(d, "run.json")
+        print(f"\n$ hetis bench {' '.join(argv)}  (own process)", flush=True)
+        subprocess.run([sys.executable, "-m", "hetis.cli", "bench", *argv, "--out", out], check=True)
+        with open(out) as f:
+            return json.load(f)
+
+
 def start_mesh(threads: int, log_dir: str, dtype: str = "bfloat16", attn_workers: int = 2,
                dense_workers: int = 1, tp: int = 1, dense_kv_tokens: int | None = None,
                router_args: tuple[str, ...] = (), dense_args: tuple[str, ...] = (),
@@ -117,8 +131,8 @@ def mesh_vs_engine(out_dir: pathlib.Path, quick: bool, threads: int, dtype: str,
         cluster.stop()
         redis.stop()
     if engine is None or engine["threads"] != threads or engine["dtype"] != dtype:
-        engine = bench(["--engine", "local", "--dtype", dtype, "--threads", str(threads),
-                        "--kv-cache-dtype", kv, *workload_flags(quick)])
+        engine = bench_fresh(["--engine", "local", "--dtype", dtype, "--threads", str(threads),
+                              "--kv-cache-dtype", kv, *workload_flags(quick), "--disable-tqdm"])
     engine = {k: v for k, v in engine.items() if k not in ("baseline", "speedup_vs_baseline")}
     res = {"mesh": mesh, "engine": engine, "threads_per_process": threads,
            "mesh_vs_engine": mesh["output_throughput"] / max(engine["output_throughput"], 1e-12)}
