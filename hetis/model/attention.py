@@ -136,9 +136,11 @@ class AttentionBackend:
         self.layout = StepLayout(0, torch.empty(0, dtype=torch.long))
         self.paged = cpu_kernels.supports(self.store.k, dtype=self.store.dtype) if paged is None else paged
         # prefill chunks through the paged kernel too, one query token at a time over its
-        # prefix (bf16 caches: PyTorch's flash SDPA converts them to float32 for MKL's sgemm,
-        # and this is faster; docs/cpu.md). Float32 keeps PyTorch's SDPA, the reference.
-        self.paged_prefill = self.paged and self.store.dtype == torch.bfloat16
+        # prefix, where a vector loop serves the shape (bf16: PyTorch's flash SDPA converts
+        # to float32 for MKL's sgemm, and this is faster; the generic loop is not; docs/cpu.md).
+        # Float32 keeps PyTorch's SDPA, the reference.
+        self.paged_prefill = self.paged and self.store.dtype == torch.bfloat16 and cpu_kernels.paged_fast(
+            head_dim, q_per_group, self.store.dtype, self.store.quantized)
         self.scale = head_dim ** -0.5
 
     def begin_step(self, items: list[AttnItem]) -> None:

@@ -52,7 +52,7 @@ BASE_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++1
 # fast-math for libmvec's vector expf; fused_ops keeps products and sums apart where
 # PyTorch rounds between them (no FMA contraction, no reassociation)
 LIBS = {
-    "paged_decode": (BASE_FLAGS + ["-ffast-math"], 2),
+    "paged_decode": (BASE_FLAGS + ["-ffast-math"], 3),
     "fused_ops": (BASE_FLAGS + ["-ffast-math", "-fno-associative-math", "-fno-reciprocal-math",
                              "-ffp-contract=off"], 4),
 }
@@ -146,6 +146,9 @@ def library(name: str = "paged_decode") -> ctypes.CDLL | None:
                 lib = ctypes.CDLL(str(build(name)))
                 if getattr(lib, f"hetis_{name}_abi")() != LIBS[name][1]:
                     raise RuntimeError("stale kernel build (ABI mismatch)")
+                if name == "paged_decode":
+                    lib.hetis_paged_decode_fast.restype = ctypes.c_int
+                    lib.hetis_paged_decode_fast.argtypes = [_I, _I, _C, _C]
                 for fn_name, argtypes in SIGNATURES[name].items():
                     for sfx in SUFFIX.values():
                         fn = getattr(lib, f"{fn_name}_{sfx}")
@@ -193,6 +196,15 @@ def paged_decode(k_layer: torch.Tensor, v_layer: torch.Tensor, q: torch.Tensor, 
         tables.stride(0) if n else 0, ctx.data_ptr(), out.data_ptr(), n, h, d, block_size,
         float(scale), torch.get_num_threads())
     return out
+
+
+def paged_fast(head_dim: int, q_per_group: int, dtype: torch.dtype, quantized: bool) -> bool:
+    """Whether one of paged_decode's vector loops (not the generic one) serves this shape
+    on this CPU (AVX-512 BF16 for bf16 caches, AVX-512 for int8; head dim 64 or 128; 1, 2,
+    3, 4 or 8 query rows a group; not with HETIS_PAGED_GENERIC=1)."""
+    lib = library("paged_decode")
+    return lib is not None and bool(lib.hetis_paged_decode_fast(head_dim, q_per_group,
+                                                                int(dtype == torch.bfloat16), int(quantized)))
 
 
 class PagedDecode:

@@ -97,11 +97,17 @@ class KVStore:
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store new keys/values ([N, D], in ``dtype``) at flat slot indices ([N])."""
+        d = self.k.shape[-1]
         if self._fused and k.dtype == v.dtype == self.dtype and slots.dtype == torch.int64 \
-                and k.is_contiguous() and v.is_contiguous() and slots.is_contiguous():
-            n, d = k.shape
+                and k.dim() == v.dim() == 2 and k.shape[1] == v.shape[1] == d \
+                and k.stride(1) == v.stride(1) == 1 and slots.is_contiguous() \
+                and k.shape[0] == v.shape[0] == slots.shape[0]:
+            # rows may be strided (an attention worker's k and v are views of one packed
+            # tensor); the kernels take each one's row stride
+            n = k.shape[0]
             cap = self.k_flat.shape[1]
-            args = (k.data_ptr(), d, v.data_ptr(), d, slots.data_ptr(), *self.layer_ptrs[layer], n, d, cap)
+            args = (k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), slots.data_ptr(),
+                    *self.layer_ptrs[layer], n, d, cap)
             bad = self._write(*args, torch.get_num_threads()) if self.quantized else self._write(*args)
             if bad:   # those rows were not written (fused_ops.cpp)
                 raise IndexError(f"KV write: {bad} slots outside the cache's {cap}")
@@ -142,7 +148,7 @@ class KVStore:
     def export(self, blocks: list[int], num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One (sequence, group)'s cache as dense [layers, num_tokens, D] tensors (in
         ``dtype``: an 8-bit cache's rows widened, and quantised again by ``import_``, which
-        gives back the same int8 rows and scales up to float32 rounding)."""
+        gives back the same int8 rows, and the scales to the dtype's rounding of 127 * s)."""
         idx = torch.tensor(blocks, dtype=torch.long, device=self.k.device)
         L = self.k.shape[0]
         k = self.k[:, idx].reshape(L, -1, self.k.shape[-1])[:, :num_tokens]

@@ -199,3 +199,26 @@ def test_generic_loops_match_the_vector_ones(tmp_path):
     for kv in ("auto", "int8"):
         a, b = outs[0][kv].float(), outs[1][kv].float()
         assert a.abs().max() > 0 and torch.allclose(a, b, atol=2e-2, rtol=2e-2), (kv, (a - b).abs().max())
+
+
+@needs_compiler
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8"])
+def test_fused_write_takes_strided_rows(kv_cache_dtype, monkeypatch):
+    """An attention worker's k and v are column slices of one packed tensor: the one-call
+    write serves them (no fallback) and stores what the fallback stores."""
+    torch.manual_seed(2)
+    packed = torch.randn(7, 3 * 64 + 2 * 64).to(torch.bfloat16)
+    _, k, v = packed.split([3 * 64, 64, 64], dim=1)
+    assert not k.is_contiguous() and k.stride(1) == 1
+    slots = torch.tensor([5, 0, 33, 17, 2, 63, 40])
+    a = KVStore(2, 4, 16, 64, torch.bfloat16, kv_cache_dtype=kv_cache_dtype)
+    b = KVStore(2, 4, 16, 64, torch.bfloat16, kv_cache_dtype=kv_cache_dtype)
+    b._fused = False
+    calls = []
+    fn = a._write
+    monkeypatch.setattr(a, "_write", lambda *args: calls.append(1) or fn(*args))
+    a.write(1, slots, k, v)
+    b.write(1, slots, k.contiguous(), v.contiguous())
+    assert calls == [1]
+    for name in ("k", "v") + (("k_scale", "v_scale") if kv_cache_dtype == "int8" else ()):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name

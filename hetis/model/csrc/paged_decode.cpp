@@ -460,5 +460,23 @@ void hetis_paged_decode_bf16(const uint16_t* kc, const uint16_t* vc, const uint1
 HETIS_PAGED_Q8(f32, float)
 HETIS_PAGED_Q8(bf16, uint16_t)
 
-int hetis_paged_decode_abi() { return 2; }
+// whether a vector loop (not the generic one) serves head dim d with h query rows a group
+// for this dtype (T: 1 bf16, 0 f32) and cache (quantized: 1 int8): the engine sends prefill
+// chunks through the kernel only where one does (the generic loop is slower than SDPA)
+int hetis_paged_decode_fast(int64_t d, int64_t h, int bf16, int quantized) {
+    static const bool generic = std::getenv("HETIS_PAGED_GENERIC") != nullptr;
+    const bool shape = (d == 64 || d == 128) && (h == 1 || h == 2 || h == 3 || h == 4 || h == 8);
+    if (generic || !shape) return 0;
+#if defined(__AVX512F__)
+    if (quantized) return 1;
+#endif
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+    if (bf16) return 1;
+#endif
+    (void)bf16;
+    (void)quantized;
+    return 0;
+}
+
+int hetis_paged_decode_abi() { return 3; }
 }
