@@ -7,6 +7,7 @@
 namespace hetis {
 
 inline float load(const float* p, int64_t i) { return p[i]; }
+inline float load(const int8_t* p, int64_t i) { return static_cast<float>(p[i]); }   // int8 KV rows
 inline float load(const uint16_t* p, int64_t i) {
     uint32_t u = static_cast<uint32_t>(p[i]) << 16;
     float f;

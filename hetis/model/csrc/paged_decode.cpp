@@ -44,12 +44,17 @@ inline void softmax_rows(float* s, int64_t rows, int64_t stride, int64_t len, fl
     }
 }
 
-// D: the head dimension when known at compile time (64, 128), else 0 (runtime ``d``).
-template <typename T, int D>
-void decode(const T* kc, const T* vc, const T* q, const int64_t* tables, int64_t table_stride,
-            const int64_t* ctx, T* out, int64_t n, int64_t h, int64_t d_rt, int64_t bs, float scale,
-            int threads) {
+// The generic loop. C: the cache's element type (float, bf16 as uint16_t, or int8_t with
+// per-row float32 scales ks, vs); T: q's and the output's. D: the head dimension when known
+// at compile time (64, 128), else 0 (runtime ``d``). Without scales (ks == nullptr) the
+// scale multiplies q first; with them, each score (scale * ks[t]) and each value row's
+// weight (vs[t]), so a row is widened once and its scale applied once.
+template <typename C, typename T, int D>
+void decode(const C* kc, const C* vc, const float* ks, const float* vs, const T* q,
+            const int64_t* tables, int64_t table_stride, const int64_t* ctx, T* out, int64_t n,
+            int64_t h, int64_t d_rt, int64_t bs, float scale, int threads) {
     const int64_t d = D ? D : d_rt;
+    const float qscale = ks ? 1.f : scale;
 #pragma omp parallel num_threads(threads) if (n > 1 && threads > 1)
     {
         std::vector<float> qf(h * d), acc(h * d), sum(h), row(d), s;
@@ -58,11 +63,12 @@ void decode(const T* kc, const T* vc, const T* q, const int64_t* tables, int64_t
             const int64_t len = ctx[i];
             const int64_t* table = tables + i * table_stride;
             s.resize(h * len);
-            for (int64_t j = 0; j < h * d; ++j) qf[j] = load(q + i * h * d, j) * scale;
+            for (int64_t j = 0; j < h * d; ++j) qf[j] = load(q + i * h * d, j) * qscale;
             float* kf = row.data();
             // scores: every key row read and widened once, for all h query rows
             for (int64_t t = 0; t < len; ++t) {
-                const T* kr = kc + (table[t / bs] * bs + t % bs) * d;
+                const int64_t slot = table[t / bs] * bs + t % bs;
+                const C* kr = kc + slot * d;
 #pragma omp simd
                 for (int64_t j = 0; j < d; ++j) kf[j] = load(kr, j);
                 for (int64_t r = 0; r < h; ++r) {
@@ -70,18 +76,19 @@ void decode(const T* kc, const T* vc, const T* q, const int64_t* tables, int64_t
                     float a = 0.f;
 #pragma omp simd reduction(+ : a)
                     for (int64_t j = 0; j < d; ++j) a += qr[j] * kf[j];
-                    s[r * len + t] = a;
+                    s[r * len + t] = ks ? a * (scale * ks[slot]) : a;
                 }
             }
             softmax_rows(s.data(), h, len, len, sum.data());
             std::fill(acc.begin(), acc.end(), 0.f);
             // weighted values: every value row read and widened once, for all h rows
             for (int64_t t = 0; t < len; ++t) {
-                const T* vr = vc + (table[t / bs] * bs + t % bs) * d;
+                const int64_t slot = table[t / bs] * bs + t % bs;
+                const C* vr = vc + slot * d;
 #pragma omp simd
                 for (int64_t j = 0; j < d; ++j) kf[j] = load(vr, j);
                 for (int64_t r = 0; r < h; ++r) {
-                    const float p = s[r * len + t];
+                    const float p = vs ? s[r * len + t] * vs[slot] : s[r * len + t];
                     float* ar = acc.data() + r * d;
 #pragma omp simd
                     for (int64_t j = 0; j < d; ++j) ar[j] += p * kf[j];
@@ -235,67 +242,15 @@ void decode_any(const T* kc, const T* vc, const T* q, const int64_t* tables, int
                 const int64_t* ctx, T* out, int64_t n, int64_t h, int64_t d, int64_t bs, float scale,
                 int threads) {
     if (d == 64)
-        decode<T, 64>(kc, vc, q, tables, ts, ctx, out, n, h, d, bs, scale, threads);
+        decode<T, T, 64>(kc, vc, nullptr, nullptr, q, tables, ts, ctx, out, n, h, d, bs, scale, threads);
     else if (d == 128)
-        decode<T, 128>(kc, vc, q, tables, ts, ctx, out, n, h, d, bs, scale, threads);
+        decode<T, T, 128>(kc, vc, nullptr, nullptr, q, tables, ts, ctx, out, n, h, d, bs, scale, threads);
     else
-        decode<T, 0>(kc, vc, q, tables, ts, ctx, out, n, h, d, bs, scale, threads);
+        decode<T, T, 0>(kc, vc, nullptr, nullptr, q, tables, ts, ctx, out, n, h, d, bs, scale, threads);
 }
 
 // 8-bit cache (kv_store.py's int8 layout): key and value rows int8, each with its float32
-// scale (ks, vs: [blocks * bs]). Scores are scale * ks[t] * (q . k_t) and the value rows
-// enter as p * vs[t] * v_t, so a row is widened once and its scale applied once. q and the
-// output in float32 or bfloat16 (T). D: the head dim when known at compile time, else 0.
-template <typename T, int D>
-void decode_q8(const int8_t* kc, const int8_t* vc, const float* ks, const float* vs, const T* q,
-               const int64_t* tables, int64_t table_stride, const int64_t* ctx, T* out, int64_t n,
-               int64_t h, int64_t d_rt, int64_t bs, float scale, int threads) {
-    const int64_t d = D ? D : d_rt;
-#pragma omp parallel num_threads(threads) if (n > 1 && threads > 1)
-    {
-        std::vector<float> qf(h * d), acc(h * d), sum(h), row(d), s;
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t i = 0; i < n; ++i) {
-            const int64_t len = ctx[i];
-            const int64_t* table = tables + i * table_stride;
-            s.resize(h * len);
-            for (int64_t j = 0; j < h * d; ++j) qf[j] = load(q + i * h * d, j);
-            float* kf = row.data();
-            for (int64_t t = 0; t < len; ++t) {
-                const int64_t slot = table[t / bs] * bs + t % bs;
-                const int8_t* kr = kc + slot * d;
-#pragma omp simd
-                for (int64_t j = 0; j < d; ++j) kf[j] = static_cast<float>(kr[j]);
-                const float c = scale * ks[slot];
-                for (int64_t r = 0; r < h; ++r) {
-                    const float* qr = qf.data() + r * d;
-                    float a = 0.f;
-#pragma omp simd reduction(+ : a)
-                    for (int64_t j = 0; j < d; ++j) a += qr[j] * kf[j];
-                    s[r * len + t] = a * c;
-                }
-            }
-            softmax_rows(s.data(), h, len, len, sum.data());
-            std::fill(acc.begin(), acc.end(), 0.f);
-            for (int64_t t = 0; t < len; ++t) {
-                const int64_t slot = table[t / bs] * bs + t % bs;
-                const int8_t* vr = vc + slot * d;
-#pragma omp simd
-                for (int64_t j = 0; j < d; ++j) kf[j] = static_cast<float>(vr[j]);
-                for (int64_t r = 0; r < h; ++r) {
-                    const float p = s[r * len + t] * vs[slot];
-                    float* ar = acc.data() + r * d;
-#pragma omp simd
-                    for (int64_t j = 0; j < d; ++j) ar[j] += p * kf[j];
-                }
-            }
-            for (int64_t r = 0; r < h; ++r) {
-                const float inv = 1.f / sum[r];
-                for (int64_t j = 0; j < d; ++j) store(out + i * h * d, r * d + j, acc[r * d + j] * inv);
-            }
-        }
-    }
-}
+// scale (ks, vs: [blocks * bs]); the generic loop is `decode` above with C = int8_t.
 
 #if defined(__AVX512F__)
 // the same on AVX-512 (D = 64, 128; H query rows): 16 keys at a time widened into a
@@ -417,11 +372,11 @@ void decode_q8_any(const int8_t* kc, const int8_t* vc, const float* ks, const fl
         return;
 #endif
     if (d == 64)
-        decode_q8<T, 64>(kc, vc, ks, vs, q, tb, ts, ctx, out, n, h, d, bs, scale, threads);
+        decode<int8_t, T, 64>(kc, vc, ks, vs, q, tb, ts, ctx, out, n, h, d, bs, scale, threads);
     else if (d == 128)
-        decode_q8<T, 128>(kc, vc, ks, vs, q, tb, ts, ctx, out, n, h, d, bs, scale, threads);
+        decode<int8_t, T, 128>(kc, vc, ks, vs, q, tb, ts, ctx, out, n, h, d, bs, scale, threads);
     else
-        decode_q8<T, 0>(kc, vc, ks, vs, q, tb, ts, ctx, out, n, h, d, bs, scale, threads);
+        decode<int8_t, T, 0>(kc, vc, ks, vs, q, tb, ts, ctx, out, n, h, d, bs, scale, threads);
 }
 
 }  // namespace
