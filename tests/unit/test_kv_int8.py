@@ -222,3 +222,15 @@ def test_fused_write_takes_strided_rows(kv_cache_dtype, monkeypatch):
     assert calls == [1]
     for name in ("k", "v") + (("k_scale", "v_scale") if kv_cache_dtype == "int8" else ()):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
+
+
+@needs_compiler
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8"])
+@pytest.mark.parametrize("D,h", [(64, 3), (32, 5)])   # a vector loop and the generic one
+def test_an_item_with_no_context_gets_zeros(kv_cache_dtype, D, h):
+    st = KVStore(1, 4, 16, D, torch.bfloat16, kv_cache_dtype=kv_cache_dtype)
+    st.write(0, torch.arange(64), torch.randn(64, D).to(torch.bfloat16), torch.randn(64, D).to(torch.bfloat16))
+    call = cpu_kernels.PagedDecode(st.layer_ptrs, torch.bfloat16, st.quantized, torch.tensor([[0], [1]]),
+                                   torch.tensor([0, 5]), 16, D ** -0.5)
+    out = call(0, torch.randn(2, h, D).to(torch.bfloat16))
+    assert torch.equal(out[0], torch.zeros(h, D, dtype=torch.bfloat16)) and out[1].abs().sum() > 0

@@ -27,6 +27,12 @@ using hetis::store;
 
 namespace {
 
+// item i's n output values set to zero
+template <typename T>
+inline void zero_rows(T* out, int64_t i, int64_t n) {
+    std::memset(out + i * n, 0, n * sizeof(T));
+}
+
 // Each of ``rows`` score rows (``stride`` apart) turned into exp(s - max) over its first
 // ``len`` entries, float32; their sums to ``sum``.
 inline void softmax_rows(float* s, int64_t rows, int64_t stride, int64_t len, float* sum) {
@@ -61,6 +67,10 @@ void decode(const C* kc, const C* vc, const float* ks, const float* vs, const T*
 #pragma omp for schedule(dynamic, 1)
         for (int64_t i = 0; i < n; ++i) {
             const int64_t len = ctx[i];
+            if (len <= 0) {   // nothing to attend: zeros, not NaNs (the engine never sends it)
+                zero_rows(out, i, h * d);
+                continue;
+            }
             const int64_t* table = tables + i * table_stride;
             s.resize(h * len);
             for (int64_t j = 0; j < h * d; ++j) qf[j] = load(q + i * h * d, j) * qscale;
@@ -150,6 +160,10 @@ void decode_bf16(const uint16_t* kc, const uint16_t* vc, const uint16_t* q, cons
 #pragma omp for schedule(dynamic, 1)
         for (int64_t i = 0; i < n; ++i) {
             const int64_t len = ctx[i];
+            if (len <= 0) {   // nothing to attend: zeros, not NaNs (the engine never sends it)
+                zero_rows(out, i, H * D);
+                continue;
+            }
             const int64_t* table = tables + i * table_stride;
             const int64_t stride = (len + 15) & ~int64_t{15};
             s.resize(H * stride);
@@ -283,6 +297,10 @@ void decode_q8_avx512(const int8_t* kc, const int8_t* vc, const float* ks, const
 #pragma omp for schedule(dynamic, 1)
         for (int64_t i = 0; i < n; ++i) {
             const int64_t len = ctx[i];
+            if (len <= 0) {   // nothing to attend: zeros, not NaNs (the engine never sends it)
+                zero_rows(out, i, H * D);
+                continue;
+            }
             const int64_t* table = tables + i * table_stride;
             const int64_t stride = (len + 15) & ~int64_t{15};
             s.resize(H * stride);
