@@ -70,8 +70,11 @@ SIGNATURES = {
         "hetis_kv_write": [_P, _I, _P, _I] + [_P] * 3 + [_I, _I, _I],
     },
 }
+UNSUFFIXED = {"paged_decode": {"hetis_paged_decode_fast": [_I, _I, _C, _C]}}   # one for every dtype
+# return types (the rest return nothing): the writes count the rows they refused (slot out
+# of range); paged_decode_fast answers 0 or 1
+RESTYPES = {"hetis_kv_write": _I, "hetis_kv_write_q8": _I, "hetis_paged_decode_fast": _C}
 SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
-RETURNS_COUNT = {"hetis_kv_write", "hetis_kv_write_q8"}   # rows refused (slot out of range)
 
 _lock = threading.Lock()
 _libs: dict[str, ctypes.CDLL | None] = {}
@@ -146,14 +149,11 @@ def library(name: str = "paged_decode") -> ctypes.CDLL | None:
                 lib = ctypes.CDLL(str(build(name)))
                 if getattr(lib, f"hetis_{name}_abi")() != LIBS[name][1]:
                     raise RuntimeError("stale kernel build (ABI mismatch)")
-                if name == "paged_decode":
-                    lib.hetis_paged_decode_fast.restype = ctypes.c_int
-                    lib.hetis_paged_decode_fast.argtypes = [_I, _I, _C, _C]
-                for fn_name, argtypes in SIGNATURES[name].items():
-                    for sfx in SUFFIX.values():
-                        fn = getattr(lib, f"{fn_name}_{sfx}")
-                        fn.restype = ctypes.c_int64 if fn_name in RETURNS_COUNT else None
-                        fn.argtypes = argtypes
+                typed = [(f"{fn}_{sfx}", fn, args) for fn, args in SIGNATURES[name].items()
+                         for sfx in SUFFIX.values()]
+                for symbol, fn_name, argtypes in typed + [(f, f, a) for f, a in UNSUFFIXED.get(name, {}).items()]:
+                    fn = getattr(lib, symbol)
+                    fn.restype, fn.argtypes = RESTYPES.get(fn_name), argtypes
             except (RuntimeError, OSError) as e:
                 log.warning("CPU kernel %s unavailable, using PyTorch operations: %s", name, e)
                 lib = None
@@ -173,29 +173,19 @@ def function(name: str, op: str, dtype: torch.dtype):
 
 
 def paged_decode(k_layer: torch.Tensor, v_layer: torch.Tensor, q: torch.Tensor, tables: torch.Tensor,
-                 ctx: torch.Tensor, block_size: int, scale: float, out: torch.Tensor | None = None):
-    """softmax(q K^T * scale) V for one query token per item, over the paged cache.
+                 ctx: torch.Tensor, block_size: int, scale: float) -> torch.Tensor:
+    """softmax(q K^T * scale) V for one query token per item, over the paged cache: one
+    :class:`PagedDecode` call (the engine prepares one a step and calls it per layer).
 
     k_layer, v_layer: one layer's cache, contiguous, [blocks * block_size, D] (or
-    [blocks, block_size, D]); q: [N, H, D] in the cache's dtype; tables: int64 [N, B]
-    block ids (rows padded past each item's blocks: never read); ctx: int64 [N], the
-    tokens each item attends to. Returns [N, H, D] in the cache's dtype.
+    [blocks, block_size, D]); q: [N, H, D]; tables: [N, B] block ids (rows padded past
+    each item's blocks: never read); ctx: [N], the tokens each item attends to. Returns
+    [N, H, D] in the cache's dtype.
     """
-    n, h, d = q.shape
-    dt = k_layer.dtype
-    if q.dtype != dt or not q.is_contiguous():
-        q = q.to(dt).contiguous()
     assert k_layer.is_contiguous() and v_layer.is_contiguous()
-    tables = tables if tables.dtype == torch.int64 and tables.is_contiguous() \
-        else tables.to(torch.int64).contiguous()
-    ctx = ctx if ctx.dtype == torch.int64 and ctx.is_contiguous() else ctx.to(torch.int64).contiguous()
-    if out is None:
-        out = torch.empty((n, h, d), dtype=dt)
-    function("paged_decode", "hetis_paged_decode", dt)(
-        k_layer.data_ptr(), v_layer.data_ptr(), q.data_ptr(), tables.data_ptr(),
-        tables.stride(0) if n else 0, ctx.data_ptr(), out.data_ptr(), n, h, d, block_size,
-        float(scale), torch.get_num_threads())
-    return out
+    call = PagedDecode([(k_layer.data_ptr(), v_layer.data_ptr())], k_layer.dtype, False, tables, ctx,
+                       block_size, scale)
+    return call(0, q)
 
 
 def paged_fast(head_dim: int, q_per_group: int, dtype: torch.dtype, quantized: bool) -> bool:

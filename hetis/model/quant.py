@@ -37,6 +37,7 @@ tests/model/test_quant.py bounds the logits and greedy agreement in bf16).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -45,18 +46,13 @@ import torch
 GROUP = 32
 Q4_TYPES = ("Q4_0", "Q4_1")
 INT4_MAX_ROWS = 4   # above this the dense GEMM is faster on the CPUs measured (module doc)
-_INT4_MM = None   # the kernel's overload, looked up on first use (_int4_mm)
-
-
+@functools.cache
 def _int4_mm():
     """The int4 kernel's overload itself: calling it through torch.ops.aten's packet
     resolves the overload on every call, 3-4 us of a 7-25 us one-row matmul (120 of them
     a token). Looked up when first needed, so a torch without it fails only
     ``weights="gguf"``, not the import."""
-    global _INT4_MM
-    if _INT4_MM is None:
-        _INT4_MM = torch.ops.aten._weight_int4pack_mm_for_cpu.default
-    return _INT4_MM
+    return torch.ops.aten._weight_int4pack_mm_for_cpu.default
 Q8_MAX_ROWS = 4     # the same for the Q8_0 LM head (docs/cpu.md)
 
 
@@ -134,7 +130,7 @@ class Int4Weight:
         if sz is None:
             sz = self._sz[x.dtype] = torch.stack([self.scale.t(), self.zero.t()], -1).to(
                 x.dtype).contiguous()
-        return (_INT4_MM or _int4_mm())(x.contiguous(), self._packed, GROUP, sz)
+        return _int4_mm()(x.contiguous(), self._packed, GROUP, sz)
 
     @staticmethod
     def cat(parts: list["Int4Weight"]) -> "Int4Weight":

@@ -130,6 +130,33 @@ inline __m512 sum16(__m512* a) {
     // e's lane l holds key (l % 4) * 4 + l / 4 (a 4 x 4 transpose, its own inverse)
     return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), e);
 }
+
+// The weighted values of one item for H query rows, accumulated in registers for all of
+// them and written to dst ([H, D], T) divided by each row's sum: values(t, vf) widens value
+// row t into vf (D / 16 float32 vectors, prefetching ahead as it likes) and returns the
+// row's weight (1, or an int8 row's scale). Shared by the bf16 and the int8 loops.
+template <int D, int H, typename T, typename Values>
+inline void weigh_values(const float* s, int64_t stride, int64_t len, const float* sum, Values values,
+                         T* dst) {
+    constexpr int NF = D / 16;
+    __m512 acc[H][NF];
+    for (int r = 0; r < H; ++r)
+        for (int f = 0; f < NF; ++f) acc[r][f] = _mm512_setzero_ps();
+    for (int64_t t = 0; t < len; ++t) {
+        __m512 vf[NF];
+        const float w = values(t, vf);
+        for (int r = 0; r < H; ++r) {
+            const __m512 p = _mm512_set1_ps(s[r * stride + t] * w);
+            for (int f = 0; f < NF; ++f) acc[r][f] = _mm512_fmadd_ps(p, vf[f], acc[r][f]);
+        }
+    }
+    for (int r = 0; r < H; ++r) {
+        const float inv = 1.f / sum[r];
+        alignas(64) float o[D];
+        for (int f = 0; f < NF; ++f) _mm512_store_ps(o + f * 16, acc[r][f]);
+        for (int j = 0; j < D; ++j) store(dst + r * D, j, o[j] * inv);
+    }
+}
 #endif
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
@@ -197,28 +224,14 @@ void decode_bf16(const uint16_t* kc, const uint16_t* vc, const uint16_t* q, cons
             }
             float sum[H];
             softmax_rows(s.data(), H, stride, len, sum);
-            __m512 acc[H][NF];
-            for (int r = 0; r < H; ++r)
-                for (int f = 0; f < NF; ++f) acc[r][f] = _mm512_setzero_ps();
-            for (int64_t t = 0; t < len; ++t) {
+            weigh_values<D, H>(s.data(), stride, len, sum, [&](int64_t t, __m512* vf) {
                 const uint16_t* vr = vc + (table[t / bs] * bs + t % bs) * D;
                 if (t + PF16 < len) prefetch_row<D>(vc + (table[(t + PF16) / bs] * bs + (t + PF16) % bs) * D);
-                __m512 vf[NF];
                 for (int f = 0; f < NF; ++f)
                     vf[f] = _mm512_castsi512_ps(_mm512_slli_epi32(
                         _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(vr + f * 16))), 16));
-                for (int r = 0; r < H; ++r) {
-                    const __m512 p = _mm512_set1_ps(s[r * stride + t]);
-                    for (int f = 0; f < NF; ++f) acc[r][f] = _mm512_fmadd_ps(p, vf[f], acc[r][f]);
-                }
-            }
-            for (int r = 0; r < H; ++r) {
-                const float inv = 1.f / sum[r];
-                alignas(64) float o[D];
-                for (int f = 0; f < NF; ++f) _mm512_store_ps(o + f * 16, acc[r][f]);
-                uint16_t* dst = out + (i * H + r) * D;
-                for (int j = 0; j < D; ++j) store(dst, j, o[j] * inv);
-            }
+                return 1.f;
+            }, out + i * H * D);
         }
     }
 }
@@ -338,28 +351,12 @@ void decode_q8_avx512(const int8_t* kc, const int8_t* vc, const float* ks, const
             }
             float sum[H];
             softmax_rows(s.data(), H, stride, len, sum);
-            __m512 acc[H][NF];
-            for (int r = 0; r < H; ++r)
-                for (int f = 0; f < NF; ++f) acc[r][f] = _mm512_setzero_ps();
-            for (int64_t t = 0; t < len; ++t) {
+            weigh_values<D, H>(s.data(), stride, len, sum, [&](int64_t t, __m512* vf) {
                 const int64_t slot = table[t / bs] * bs + t % bs;
-                const int8_t* vr = vc + slot * D;
                 if (t + PF < len) prefetch_q8<D>(vc, vs, table[(t + PF) / bs] * bs + (t + PF) % bs);
-                __m512 vf[NF];
-                for (int f = 0; f < NF; ++f) vf[f] = widen16(vr + f * 16);
-                const float w = vs[slot];
-                for (int r = 0; r < H; ++r) {
-                    const __m512 p = _mm512_set1_ps(s[r * stride + t] * w);
-                    for (int f = 0; f < NF; ++f) acc[r][f] = _mm512_fmadd_ps(p, vf[f], acc[r][f]);
-                }
-            }
-            for (int r = 0; r < H; ++r) {
-                const float inv = 1.f / sum[r];
-                alignas(64) float o[D];
-                for (int f = 0; f < NF; ++f) _mm512_store_ps(o + f * 16, acc[r][f]);
-                T* dst = out + (i * H + r) * D;
-                for (int j = 0; j < D; ++j) store(dst, j, o[j] * inv);
-            }
+                for (int f = 0; f < NF; ++f) vf[f] = widen16(vc + slot * D + f * 16);
+                return vs[slot];
+            }, out + i * H * D);
         }
     }
 }
